@@ -1,0 +1,311 @@
+"""What a plugin sees at one measurement: a frozen view of the model, with shared work cached.
+
+The snapshot never touches the live training state:
+
+- parameters are detached (no copy unless the measurement dtype differs) and nothing writes to them;
+- buffers are cloned inside every forward, so BatchNorm running statistics are never updated and
+  train-mode BatchNorm uses batch statistics (the objective the optimizer steps on);
+- every forward runs with the RNG seeded from (probe seed, step) inside ``fork_rng``, so dropout masks
+  are the same at every evaluation within one measurement and the training RNG streams are untouched;
+- attention runs under the math SDPA backend (fused kernels have no double backward) and autocast is
+  off (measurements are in float32 unless the model is float64 or ``dtype=`` says otherwise).
+
+Heavy shared work (Hessian eigenpairs, per-example gradients) is computed once per snapshot and
+cached, so every plugin that needs it gets the same result from one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from sgdprobe.config import Batch, ProbeConfig, batch_len
+from sgdprobe.errors import MeasurementError
+from sgdprobe.linalg.hvp import HessianVectorProduct, flatten, unflatten
+from sgdprobe.linalg.lanczos import Eigenpairs, lanczos
+from sgdprobe.optim_info import OptimizerInfo, adam_preconditioner, describe_optimizer, stability_threshold
+
+
+def _math_sdpa():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+class Snapshot:
+    """A frozen view of the model at step ``step`` (after that optimizer step).
+
+    :ivar step: number of optimizer steps taken since the probe was attached (plus any resumed count).
+    :ivar params: ``{name: tensor}`` of the parameters the optimizer steps (frozen ones excluded).
+    :ivar optimizer: hyper-parameters read from the optimizer at this step.
+    :ivar update: ``{name: θ_{t+1} − θ_t}`` when a plugin required ``"update"``, else ``None``.
+    """
+
+    def __init__(
+        self,
+        config: ProbeConfig,
+        step: int,
+        *,
+        update: dict[str, torch.Tensor] | None = None,
+        observed_batch_size: int | None = None,
+    ):
+        self.config = config
+        self.step = step
+        self.update = update
+        self._observed_batch_size = observed_batch_size
+        self.optimizer: OptimizerInfo = describe_optimizer(config.optimizer, config.lr)
+        named = dict(config.model.named_parameters())
+        native = named[config.param_names[0]].dtype
+        if config.dtype is not None:
+            self.dtype = config.dtype
+        else:
+            self.dtype = native if native in (torch.float32, torch.float64) else torch.float32
+        self._cast_inputs = native != self.dtype
+        self.params: dict[str, torch.Tensor] = {
+            n: named[n].detach().to(self.dtype) for n in config.param_names
+        }
+        # Parameters the optimizer does not step are constants of the measured loss.
+        self._constants = {
+            n: p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
+            for n, p in named.items()
+            if n not in self.params
+        }
+        self.buffers: dict[str, torch.Tensor] = {
+            n: b.detach().to(self.dtype) if b.is_floating_point() else b.detach()
+            for n, b in config.model.named_buffers()
+        }
+        self.seed = (config.seed * 1_000_003 + step) % (2**63)
+        self._cache: dict[Any, Any] = {}
+
+    # ----------------------------------------------------------------- read-only facts
+    @property
+    def model(self) -> torch.nn.Module:
+        """The (unwrapped) model; call it only through :meth:`forward`, never directly."""
+        return self.config.model
+
+    @property
+    def batches(self) -> list[Batch]:
+        """The fixed probe batches ``(inputs, targets)``."""
+        return self.config.batches
+
+    @property
+    def loss_fn(self) -> Callable:
+        return self.config.loss_fn
+
+    @property
+    def device(self) -> torch.device:
+        return self.config.device
+
+    @property
+    def lr(self) -> float:
+        """The (largest) learning rate at this step."""
+        return self.optimizer.lr
+
+    @property
+    def batch_size(self) -> int | None:
+        """Training batch size B: given at attach, read from a DataLoader, or seen in the last
+        training forward pass."""
+        return self.config.batch_size or self._observed_batch_size
+
+    @property
+    def dataset_size(self) -> int | None:
+        """Training set size N (given at attach or read from a DataLoader)."""
+        return self.config.dataset_size
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def num_examples(self) -> int:
+        return self.config.num_examples
+
+    def stability_threshold(self) -> float | None:
+        """Sharpness threshold of this optimizer at this step (``None`` if unknown), see
+        :func:`sgdprobe.optim_info.stability_threshold`."""
+        return stability_threshold(self.optimizer)
+
+    # ----------------------------------------------------------------- functional model
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Flatten a ``{name: tensor}`` dict over the probed parameters into one vector."""
+        return flatten([tensors[n] for n in self.params])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`flatten`."""
+        return dict(zip(self.params, unflatten(vector, list(self.params.values()))))
+
+    @contextlib.contextmanager
+    def _isolated(self):
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.default_generator.manual_seed(self.seed)
+            if devices:
+                torch.cuda.manual_seed(self.seed)
+            with _math_sdpa(), torch.autocast(self.device.type, enabled=False):
+                yield
+
+    def _prepare_inputs(self, inputs):
+        if not self._cast_inputs:
+            return inputs
+        if isinstance(inputs, torch.Tensor):
+            return inputs.to(self.dtype) if inputs.is_floating_point() else inputs
+        if isinstance(inputs, Mapping):
+            return {k: self._prepare_inputs(v) for k, v in inputs.items()}
+        if isinstance(inputs, (tuple, list)):
+            return type(inputs)(self._prepare_inputs(v) for v in inputs)
+        return inputs
+
+    def forward(self, params: Mapping[str, torch.Tensor] | None, inputs: Any) -> Any:
+        """The model's output at ``params`` (default: the snapshot's), without side effects."""
+        tensors = {**self._constants, **(self.params if params is None else params)}
+        tensors.update({n: b.clone() for n, b in self.buffers.items()})
+        with self._isolated():
+            return _call(self.model, tensors, self._prepare_inputs(inputs))
+
+    def loss(self, params: Mapping[str, torch.Tensor] | None = None, batches: list[Batch] | None = None):
+        """The measured objective: ``loss_fn`` averaged over the probe batches, weighted by size (for a
+        mean-reduced loss this is the loss on all probe examples at once)."""
+        batches = self.batches if batches is None else batches
+        sizes = [batch_len(b) for b in batches]
+        total = sum(sizes)
+        value = 0.0
+        for (inputs, targets), n in zip(batches, sizes):
+            out = self.forward(params, inputs)
+            value = value + self.loss_fn(out, targets) * (n / total)
+        return value
+
+    # ----------------------------------------------------------------- shared computations
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """Compute once per snapshot: every plugin asking for ``key`` gets the same object."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def hvp_operator(self) -> HessianVectorProduct:
+        """The Hessian-vector product of :meth:`loss` at the snapshot's parameters (cached)."""
+
+        def make():
+            names = list(self.params)
+
+            def loss_of(plist):
+                return self.loss(dict(zip(names, plist)))
+
+            op = HessianVectorProduct(loss_of, list(self.params.values()), self.config.hvp_method)
+            op.gradient()
+            if not torch.isfinite(op.loss_value).all():
+                raise MeasurementError(f"the loss is {op.loss_value.item()} at step {self.step}")
+            return op
+
+        return self.cached("hvp", make)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector ``v`` (Hessian of :meth:`loss`)."""
+        return self.hvp_operator()(v)
+
+    def preconditioner_scale(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(s, shift)`` with the optimizer's effective operator S(H + diag(shift))S, S = diag(s), or
+        ``None`` when the optimizer steps with one scalar rate (no preconditioner).
+
+        s² is the per-parameter step size relative to η (``lr_group/lr``) divided by Adam's P_t; shift
+        holds the coupled (L2) weight decay of each parameter's group when the threshold cannot absorb it.
+        """
+        info = self.optimizer
+        if not info.preconditioned:
+            return None
+        opt = self.config.optimizer
+        named = dict(self.config.model.named_parameters())
+        scales, shifts = [], []
+        for name, p in self.params.items():
+            group = opt.param_groups[self.config.param_groups[name]]
+            ratio = float(group["lr"]) / info.lr
+            wd = float(group.get("weight_decay", 0.0))
+            if info.kind in ("adam", "adamw"):
+                P = adam_preconditioner(opt, named[name], info)
+                s = torch.zeros_like(p) if P is None else (ratio / P.to(self.dtype)).sqrt()
+                wd = 0.0 if info.kind == "adamw" else wd
+            else:
+                s = torch.full_like(p, ratio**0.5)
+            scales.append(s)
+            shifts.append(torch.full_like(p, wd))
+        return flatten(scales), flatten(shifts)
+
+    def hessian_eigenpairs(
+        self, k: int = 1, *, preconditioned: bool = False, allow_unconverged: bool = False
+    ) -> Eigenpairs:
+        """Top-``k`` eigenpairs of the Hessian (or of the preconditioned operator the optimizer steps
+        with, see :meth:`preconditioner_scale`), by one Lanczos run per snapshot shared by all plugins.
+
+        The run computes the largest ``k`` any plugin asked for at attach time (or this ``k`` if larger)
+        and warm-starts from the previous measurement's top eigenvector. A run that did not reach the
+        tolerance raises :class:`MeasurementError` (with its residuals) unless ``allow_unconverged``.
+        """
+        if preconditioned and self.preconditioner_scale() is None:
+            preconditioned = False
+        want = max(k, self.config.eigenpairs_k.get(preconditioned, 0))
+        key = ("eigenpairs", preconditioned)
+        cached = self._cache.get(key)
+        if cached is None or len(cached) < k:
+            cached = self._cache[key] = self._lanczos(want, preconditioned)
+        if not cached.converged and not allow_unconverged:
+            scale = float(cached.eigenvalues.abs().max()) or 1.0
+            raise MeasurementError(
+                f"Lanczos did not converge in {cached.n_matvecs} matvecs: relative residuals "
+                f"{[round(float(r) / scale, 8) for r in cached.residuals]} > tol={self.config.lanczos_tol} "
+                "(raise lanczos_max_iter or lanczos_tol)"
+            )
+        return cached.top(k)
+
+    def _lanczos(self, k: int, preconditioned: bool) -> Eigenpairs:
+        op = self.hvp_operator()
+        matvec = op
+        if preconditioned:
+            s, shift = self.preconditioner_scale()
+
+            def matvec(v):
+                u = s * v
+                return s * (op(u) + shift * u)
+
+        warm = self.config.warm_start.get(preconditioned)
+        if warm is not None and warm.numel() == op.dim:
+            noise = torch.randn(op.dim, generator=torch.Generator().manual_seed(self.seed)).to(warm)
+            warm = warm + 1e-2 * noise / noise.norm()
+        else:
+            warm = None
+        result = lanczos(
+            matvec,
+            op.dim,
+            min(k, op.dim),
+            tol=self.config.lanczos_tol,
+            max_iter=self.config.lanczos_max_iter,
+            v0=warm,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+        )
+        if not torch.isfinite(result.eigenvalues).all():
+            raise MeasurementError(f"Lanczos produced non-finite eigenvalues at step {self.step}")
+        self.config.warm_start[preconditioned] = result.eigenvectors[:, 0].detach().clone()
+        return result
+
+
+def _call(model, tensors, inputs):
+    return functional_call(model, tensors, _as_args(inputs), _as_kwargs(inputs), strict=False)
+
+
+def _as_args(inputs):
+    if isinstance(inputs, Mapping):
+        return ()
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs)
+    return (inputs,)
+
+
+def _as_kwargs(inputs):
+    return dict(inputs) if isinstance(inputs, Mapping) else None
+
