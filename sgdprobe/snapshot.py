@@ -141,7 +141,10 @@ class Snapshot:
         return dict(zip(self.params, unflatten(vector, list(self.params.values()))))
 
     @contextlib.contextmanager
-    def _isolated(self):
+    def isolated(self):
+        """Context for evaluating the model: RNG forked and seeded from (seed, step), math SDPA,
+        autocast off. :meth:`forward` and :meth:`loss` enter it themselves; wrap your own
+        ``torch.func`` transforms of :meth:`example_loss` in it."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=True):
             torch.default_generator.manual_seed(self.seed)
@@ -165,7 +168,7 @@ class Snapshot:
         """The model's output at ``params`` (default: the snapshot's), without side effects."""
         tensors = {**self._constants, **(self.params if params is None else params)}
         tensors.update({n: b.clone() for n, b in self.buffers.items()})
-        with self._isolated():
+        with self.isolated():
             return _call(self.model, tensors, self._prepare_inputs(inputs))
 
     def loss(self, params: Mapping[str, torch.Tensor] | None = None, batches: list[Batch] | None = None):
@@ -179,6 +182,28 @@ class Snapshot:
             out = self.forward(params, inputs)
             value = value + self.loss_fn(out, targets) * (n / total)
         return value
+
+    def examples(self) -> tuple[Any, torch.Tensor]:
+        """All probe examples as one batch ``(inputs, targets)`` (the probe batches concatenated)."""
+
+        def make():
+            if len(self.batches) == 1:
+                return self.batches[0]
+            return _concat([b[0] for b in self.batches]), _concat([b[1] for b in self.batches])
+
+        return self.cached("examples", make)
+
+    def example_loss(self, params: Mapping[str, torch.Tensor], inputs: Any, targets: Any) -> torch.Tensor:
+        """``loss_fn`` on ONE example given without its batch dimension (it is run as a batch of one),
+        so every constant of the user's loss (mean vs. sum, MSE's mean over outputs) is kept. Pure in
+        ``params``: made for ``torch.func.vmap(torch.func.grad(...))`` over examples. It does not fork
+        the RNG; call it inside :meth:`isolated`.
+        """
+        tensors = {**self._constants, **params}
+        tensors.update({n: b.clone() for n, b in self.buffers.items()})
+        batched_inputs = _unsqueeze(self._prepare_inputs(inputs))
+        out = _call(self.model, tensors, batched_inputs)
+        return self.loss_fn(out, _unsqueeze(targets))
 
     # ----------------------------------------------------------------- shared computations
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -309,3 +334,23 @@ def _as_args(inputs):
 def _as_kwargs(inputs):
     return dict(inputs) if isinstance(inputs, Mapping) else None
 
+
+def _unsqueeze(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.unsqueeze(0)
+    if isinstance(obj, Mapping):
+        return {k: _unsqueeze(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_unsqueeze(v) for v in obj)
+    return obj
+
+
+def _concat(parts: list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat(list(group)) for group in zip(*parts))
+    raise TypeError(f"cannot concatenate probe inputs of type {type(first).__name__}")
