@@ -77,4 +77,7 @@ def dense_hessian(model: nn.Module, loss_fn, batch, names=None, seed: int | None
             torch.manual_seed(seed)
         return loss_fn(functional_call(model, p, (x,)), y)
 
-    return torch.autograd.functional.hessian(loss_of, flat0)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
+        return torch.autograd.functional.hessian(loss_of, flat0)

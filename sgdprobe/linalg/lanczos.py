@@ -100,10 +100,14 @@ def lanczos(
         residuals = beta_val * S[-1, order].abs()
         scale = float(theta.abs().max()) or 1.0
         result = (theta[order], S[:, order], residuals, j + 1)
-        done = len(order) == k and bool((residuals <= tol * scale).all())
+        breakdown = beta_val <= 1e-10 * scale
+        # After a breakdown the Krylov space is invariant: its Ritz pairs are exact, but a second copy
+        # of an eigenvalue (or a part of the spectrum the start vector missed) would be invisible, so
+        # the run restarts instead of stopping there.
+        done = len(order) == k and bool((residuals <= tol * scale).all()) and not breakdown
         if done or j + 1 == max_iter:
             break
-        if beta_val <= 1e-10 * scale:  # invariant subspace: restart orthogonally to the basis
+        if breakdown:  # restart orthogonally to the basis
             w = random_vector()
             for _ in range(2):
                 w = w - active.T @ (active @ w)

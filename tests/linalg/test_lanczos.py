@@ -1,0 +1,69 @@
+"""Lanczos against dense eigendecompositions (MATH.md §6 oracle: spectrum {50,30,20,10,5} ∪ U(-1,1))."""
+
+import numpy as np
+import pytest
+import torch
+
+from sgdprobe.linalg import lanczos
+
+
+def rotated(spectrum: np.ndarray, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((len(spectrum), len(spectrum))))
+    return torch.tensor(Q @ np.diag(spectrum) @ Q.T)
+
+
+@pytest.fixture(scope="module")
+def oracle_matrix():
+    rng = np.random.default_rng(0)
+    spectrum = np.concatenate([[50, 30, 20, 10, 5], rng.uniform(-1, 1, 395)])
+    return rotated(spectrum)
+
+
+def explicit_residuals(A, result):
+    Y = result.eigenvectors
+    return (A @ Y - Y * result.eigenvalues.to(Y)).norm(dim=0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_top_k_matches_dense(oracle_matrix, k):
+    A = oracle_matrix
+    result = lanczos(lambda v: A @ v, A.shape[0], k, tol=1e-10, max_iter=200, dtype=torch.float64)
+    assert result.converged
+    np.testing.assert_allclose(result.eigenvalues.numpy(), [50, 30, 20, 10, 5][:k], rtol=1e-10)
+    w, V = torch.linalg.eigh(A)
+    cos = (V[:, -k:].flip(1) * result.eigenvectors).sum(0).abs()
+    assert (cos > 1 - 1e-10).all()
+
+
+def test_residuals_are_the_true_residuals(oracle_matrix):
+    A = oracle_matrix
+    result = lanczos(lambda v: A @ v, A.shape[0], 5, tol=1e-14, max_iter=10, dtype=torch.float64)
+    assert not result.converged  # 10 iterations are not enough for the 5th pair (oracle: resid 4.6e-3)
+    assert result.n_matvecs == 10
+    np.testing.assert_allclose(result.residuals.numpy(), explicit_residuals(A, result).numpy(), atol=1e-12)
+    assert result.residuals[4] > 1e-4
+
+
+def test_warm_start_from_an_exact_eigenvector_still_finds_the_others(oracle_matrix):
+    A = oracle_matrix
+    top = torch.linalg.eigh(A).eigenvectors[:, -1]
+    result = lanczos(lambda v: A @ v, A.shape[0], 3, tol=1e-10, max_iter=200, v0=top, dtype=torch.float64)
+    np.testing.assert_allclose(result.eigenvalues.numpy(), [50, 30, 20], rtol=1e-10)
+
+
+def test_repeated_top_eigenvalue_found_after_breakdown():
+    A = rotated(np.array([4.0, 4.0, 1.0, 0.5, 0.25, 0.0]), seed=1)
+    result = lanczos(lambda v: A @ v, 6, 2, tol=1e-10, max_iter=6, dtype=torch.float64)
+    np.testing.assert_allclose(result.eigenvalues.numpy(), [4.0, 4.0], rtol=1e-10)
+
+
+def test_algebraically_largest_not_largest_magnitude():
+    A = rotated(np.array([-10.0, 3.0, 2.0, 1.0]))
+    result = lanczos(lambda v: A @ v, 4, 1, tol=1e-12, dtype=torch.float64)
+    assert result.eigenvalues[0].item() == pytest.approx(3.0, rel=1e-10)
+
+
+def test_bad_k():
+    with pytest.raises(ValueError):
+        lanczos(lambda v: v, 3, 4)
