@@ -16,12 +16,20 @@ def _demo(args: argparse.Namespace) -> int:
         f"lr={args.lr} (2/lr = {2 / args.lr:.3f}), {args.steps} steps, measuring every {every} step(s)"
     )
     result = run_demo(
-        steps=args.steps, lr=args.lr, width=args.width, examples=args.examples, every=every,
-        logdir=args.logdir, plugins=plugins,
+        steps=args.steps,
+        lr=args.lr,
+        width=args.width,
+        examples=args.examples,
+        every=every,
+        logdir=args.logdir,
+        plugins=plugins,
     )
     print()
     print(result.summary())
-    print(f"\nTensorBoard logs written to {result.probe.logdir}\n  view them with: tensorboard --logdir {args.logdir}")
+    print(
+        f"\nTensorBoard logs written to {result.probe.logdir}\n"
+        f"  view them with: tensorboard --logdir {args.logdir}"
+    )
     return 0
 
 
@@ -37,7 +45,9 @@ def _plugins(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sgdprobe", description="Training-stability probe for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="full-batch GD on digits: watch sharpness reach 2/lr (edge of stability)")
+    demo = sub.add_parser(
+        "demo", help="full-batch GD on digits: watch sharpness reach 2/lr (edge of stability)"
+    )
     demo.add_argument("--steps", type=int, default=1000)
     demo.add_argument("--lr", type=float, default=0.2)
     demo.add_argument("--width", type=int, default=128)

@@ -94,7 +94,8 @@ def collect_batches(data: Any, num_batches: int, device: torch.device) -> list[B
             iterator = iter(data)
         except TypeError:
             raise ConfigError(
-                f"data must be a batch tuple (inputs, targets) or an iterable of batches, got {type(data).__name__}"
+                "data must be a batch tuple (inputs, targets) or an iterable of batches, "
+                f"got {type(data).__name__}"
             ) from None
         batches = list(itertools.islice(iterator, num_batches))
         if not batches:
@@ -280,4 +281,3 @@ def require_sizes(config: ProbeConfig, plugin: str, *, batch_size: bool = True, 
             f"(they are read from a DataLoader passed as data). Pass "
             f"{', '.join(f'{m}=...' for m in missing)} to attach() or measure()."
         )
-

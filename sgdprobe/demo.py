@@ -22,7 +22,9 @@ def digits(n: int = 1000, dtype: torch.dtype = torch.float32) -> tuple[torch.Ten
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise SystemExit("the demo needs scikit-learn for its bundled digits: pip install 'sgdprobe[demo]'") from exc
+        raise SystemExit(
+            "the demo needs scikit-learn for its bundled digits: pip install 'sgdprobe[demo]'"
+        ) from exc
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X[:n], dtype=dtype)
     X = (X - X.mean(0)) / (X.std(0) + 1e-6)
@@ -63,8 +65,11 @@ class DemoResult:
             f"(probe: {self.probe.schedule.measure_seconds:.1f}s)",
             f"sharpness: {values[0][1]:.3f} at step {values[0][0]} -> max {max(v for _, v in values):.3f}; "
             f"2/lr = {thr:.3f}",
-            f"first reached 90% of 2/lr at step {first}" if first is not None else "never reached 90% of 2/lr",
-            f"second half of training: {100 * near:.0f}% of measurements within 10% of 2/lr (edge of stability)",
+            f"first reached 90% of 2/lr at step {first}"
+            if first is not None
+            else "never reached 90% of 2/lr",
+            f"second half of training: {100 * near:.0f}% of measurements within 10% of 2/lr "
+            "(edge of stability)",
         ]
         return "\n".join(lines)
 
@@ -90,8 +95,15 @@ def run_demo(
     losses: list[float] = []
     start = time.perf_counter()
     probe = sgdprobe.attach(
-        optimizer, model, half_squared_error, (X, Y), logdir=logdir, every=every, plugins=plugins,
-        batch_size=len(X), dataset_size=len(X),
+        optimizer,
+        model,
+        half_squared_error,
+        (X, Y),
+        logdir=logdir,
+        every=every,
+        plugins=plugins,
+        batch_size=len(X),
+        dataset_size=len(X),
     )
     with probe:
         for step in range(1, steps + 1):
@@ -101,9 +113,6 @@ def run_demo(
             optimizer.step()
             losses.append(loss.item())
             if progress_every and step % progress_every == 0:
-                latest = probe.latest()
-                print_fn(
-                    f"step {step:5d}  loss {losses[-1]:.4f}  sharpness {latest.get('sharpness/lambda_max', float('nan')):7.3f}"
-                    f"  2/lr {2 / lr:.3f}"
-                )
+                sharp = probe.latest().get("sharpness/lambda_max", float("nan"))
+                print_fn(f"step {step:5d}  loss {losses[-1]:.4f}  sharpness {sharp:7.3f}  2/lr {2 / lr:.3f}")
     return DemoResult(probe, losses, 2 / lr, time.perf_counter() - start)

@@ -31,8 +31,14 @@ class _PluginManager(pluggy.PluginManager):
         if opts is None and name.startswith("sgdprobe_"):
             method = getattr(plugin, name, None)
             if inspect.isroutine(method):
-                return {"wrapper": False, "hookwrapper": False, "optionalhook": False,
-                        "tryfirst": False, "trylast": False, "specname": None}
+                return {
+                    "wrapper": False,
+                    "hookwrapper": False,
+                    "optionalhook": False,
+                    "tryfirst": False,
+                    "trylast": False,
+                    "specname": None,
+                }
         return opts
 
 
@@ -59,7 +65,9 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any]) -> Any:
             ) from None
         return target(**options)
     if options:
-        raise ConfigError(f"plugin {name!r} is a module or an instance and takes no options; got {sorted(options)}")
+        raise ConfigError(
+            f"plugin {name!r} is a module or an instance and takes no options; got {sorted(options)}"
+        )
     return target
 
 
@@ -68,7 +76,9 @@ def _normalize(spec) -> list[tuple[str | None, Any, Mapping[str, Any]]]:
     if spec is None:
         return [(name, None, {}) for name in DEFAULT_PLUGINS]
     if isinstance(spec, str):
-        raise ConfigError(f"plugins must be a list of names or a mapping of name to options, got the string {spec!r}")
+        raise ConfigError(
+            f"plugins must be a list of names or a mapping of name to options, got the string {spec!r}"
+        )
     if isinstance(spec, Mapping):
         out = []
         for name, options in spec.items():
@@ -114,7 +124,9 @@ def load_plugins(spec) -> list[LoadedPlugin]:
             try:
                 target = installed[name].load()
             except Exception as exc:
-                message = f"plugin {name!r} ({installed[name].value}) failed to import: {type(exc).__name__}: {exc}"
+                message = (
+                    f"plugin {name!r} ({installed[name].value}) failed to import: {type(exc).__name__}: {exc}"
+                )
                 if spec is None:
                     warnings.warn(message + "; skipped.", ProbeWarning, stacklevel=3)
                     continue

@@ -22,6 +22,7 @@ from sgdprobe.schedule import Schedule
 from sgdprobe.sinks import ConsoleSink, TensorBoardSink
 from sgdprobe.snapshot import Snapshot
 
+
 class Probe:
     """A probe attached to one optimizer. Use :func:`attach` to make one.
 
@@ -119,7 +120,9 @@ class Probe:
             )
             bad = [n for n, p in snapshot.params.items() if not torch.isfinite(p).all()]
             if bad:
-                raise MeasurementError(f"parameters are not finite ({', '.join(bad[:3])}) after step {self.step}")
+                raise MeasurementError(
+                    f"parameters are not finite ({', '.join(bad[:3])}) after step {self.step}"
+                )
             scalars = self._run_plugins(snapshot)
         except MeasurementError as exc:
             if self.raise_errors:
@@ -256,7 +259,9 @@ def _as_scalars(name: str, out: Any) -> dict[str, float]:
     if out is None:
         return {}
     if not isinstance(out, Mapping):
-        raise TypeError(f"sgdprobe_measure of plugin {name!r} must return a dict of tag -> number, got {type(out)}")
+        raise TypeError(
+            f"sgdprobe_measure of plugin {name!r} must return a dict of tag -> number, got {type(out)}"
+        )
     result = {}
     for tag, value in out.items():
         if isinstance(value, torch.Tensor):
@@ -398,4 +403,3 @@ def measure(
     finally:
         probe.close()
     return {k: v for k, v in scalars.items() if not k.startswith("probe/") or k == "probe/seconds"}
-

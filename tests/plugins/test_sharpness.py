@@ -17,7 +17,11 @@ def problem(kind: str):
     torch.manual_seed(0)
     if kind == "mlp":
         model = mlp().double()
-        return model, nn.MSELoss(), (torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64))
+        return (
+            model,
+            nn.MSELoss(),
+            (torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)),
+        )
     if kind == "cnn_bn_dropout":
         model = cnn_bn_dropout().double().train()
         x = torch.randn(12, 1, 6, 6, dtype=torch.float64)
@@ -81,8 +85,13 @@ def test_threshold_values(make, expected):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True), dict(momentum=0.5, dampening=0.3),
-     dict(weight_decay=3.0)],
+    [
+        dict(),
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.5, dampening=0.3),
+        dict(weight_decay=3.0),
+    ],
 )
 def test_sgd_threshold_separates_stable_from_unstable(kwargs):
     """Run the real torch optimizer on a 1-D quadratic ½a·x² with a just below and just above the
@@ -97,7 +106,9 @@ def test_sgd_threshold_separates_stable_from_unstable(kwargs):
             opt.step()
         return abs(x.item())
 
-    thr = sgdprobe.stability_threshold(sgdprobe.describe_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=ETA, **kwargs)))
+    thr = sgdprobe.stability_threshold(
+        sgdprobe.describe_optimizer(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=ETA, **kwargs))
+    )
     assert final(0.98 * thr) < 1e-3
     assert final(1.02 * thr) > 1e3
 
@@ -115,8 +126,12 @@ def test_adam_preconditioned_sharpness_matches_dense():
     out = sgdprobe.measure(model, loss_fn, (x, y), optimizer=opt, **TIGHT)
     H = dense_hessian(model, loss_fn, (x, y))
     # P_t = (1 - b1^t)(sqrt(v_t / (1 - b2^t)) + eps), t = 3 (MATH.md §1.2)
-    P = torch.cat([((1 - 0.9**3) * ((opt.state[p]["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-8)).reshape(-1)
-                   for p in model.parameters()])
+    P = torch.cat(
+        [
+            ((1 - 0.9**3) * ((opt.state[p]["exp_avg_sq"] / (1 - 0.99**3)).sqrt() + 1e-8)).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
     S = P.rsqrt()
     expected = torch.linalg.eigvalsh(S[:, None] * H * S[None, :])[-1].item()
     assert out["sharpness/preconditioned_lambda_max"] == pytest.approx(expected, rel=1e-6)
@@ -187,4 +202,10 @@ def test_unknown_optimizer_gets_lambda_max_and_one_warning(mlp_problem):
 
 def test_bad_k():
     with pytest.raises(sgdprobe.ConfigError, match="k must be a positive integer"):
-        sgdprobe.measure(mlp(), nn.MSELoss(), (torch.randn(4, 6), torch.randn(4, 3)), lr=0.1, plugins={"sharpness": {"k": 0}})
+        sgdprobe.measure(
+            mlp(),
+            nn.MSELoss(),
+            (torch.randn(4, 6), torch.randn(4, 3)),
+            lr=0.1,
+            plugins={"sharpness": {"k": 0}},
+        )
