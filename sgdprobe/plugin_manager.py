@@ -46,6 +46,7 @@ class _PluginManager(pluggy.PluginManager):
 class LoadedPlugin:
     name: str
     obj: Any
+    installed: bool = False  # found through an entry point (someone else's code) vs. passed as an object
 
 
 def available_plugins() -> dict[str, EntryPoint]:
@@ -106,7 +107,8 @@ def load_plugins(spec) -> list[LoadedPlugin]:
     """Resolve the user's ``plugins=`` argument into instances.
 
     A name that is not installed, or an option a plugin does not take, is a :class:`ConfigError`.
-    A *default* plugin that fails to import is reported and skipped.
+    An installed plugin that fails to import is reported (:class:`ProbeWarning`) and skipped, so a
+    broken third-party package cannot stop training.
     """
     installed = available_plugins()
     loaded: list[LoadedPlugin] = []
@@ -124,35 +126,42 @@ def load_plugins(spec) -> list[LoadedPlugin]:
             try:
                 target = installed[name].load()
             except Exception as exc:
-                message = (
-                    f"plugin {name!r} ({installed[name].value}) failed to import: {type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"sgdprobe: plugin {name!r} ({installed[name].value}) failed to import and is skipped: "
+                    f"{type(exc).__name__}: {exc}",
+                    ProbeWarning,
+                    stacklevel=3,
                 )
-                if spec is None:
-                    warnings.warn(message + "; skipped.", ProbeWarning, stacklevel=3)
-                    continue
-                raise ConfigError(message) from exc
-            obj = _instantiate(name, target, options)
-        loaded.append(LoadedPlugin(name, obj))
+                continue
+            loaded.append(LoadedPlugin(name, _instantiate(name, target, options), installed=True))
+        else:
+            loaded.append(LoadedPlugin(name, obj))
     return loaded
 
 
 def make_plugin_manager(plugins: list[LoadedPlugin], sinks: list[Any]) -> pluggy.PluginManager:
-    """A plugin manager with the hook specifications, the plugins and the sinks, validated."""
+    """A plugin manager with the hook specifications, the plugins and the sinks, each validated as it is
+    registered (argument names, and ``check_pending`` for hook names that do not exist).
+
+    An invalid plugin passed as an object is a :class:`ConfigError` (your code: fix it now); an invalid
+    *installed* plugin is reported and skipped.
+    """
     pm = _PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     for plugin in [*plugins, *(LoadedPlugin(f"sink:{type(s).__name__}", s) for s in sinks)]:
         try:
             pm.register(plugin.obj, name=plugin.name)
-        except pluggy.PluginValidationError as exc:
-            raise ConfigError(f"plugin {plugin.name!r} has an invalid hook implementation: {exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"plugin {plugin.name!r} could not be registered: {exc}") from None
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise ConfigError(
-            f"{exc}. Hook names are listed in sgdprobe.hookspecs (e.g. sgdprobe_measure, sgdprobe_configure)."
-        ) from None
+            pm.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if pm.is_registered(plugin.obj):
+                pm.unregister(plugin.obj)
+            message = (
+                f"plugin {plugin.name!r} has an invalid hook implementation: {exc}. Hook names and their "
+                "arguments are listed in sgdprobe.hookspecs (e.g. sgdprobe_measure(snapshot))."
+            )
+            if not plugin.installed:
+                raise ConfigError(message) from None
+            warnings.warn(f"sgdprobe: {message} It is skipped.", ProbeWarning, stacklevel=3)
     return pm
 
 

@@ -7,8 +7,10 @@ makes successive measurements comparable. The step index counts optimizer steps 
 
 from __future__ import annotations
 
+import atexit
 import time
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -69,6 +71,9 @@ class Probe:
         for sink in sinks:
             if hasattr(sink, "add_layout"):
                 sink.add_layout(charts)
+        ref = weakref.ref(self)
+        self._atexit = lambda: (probe := ref()) is not None and probe.close()
+        atexit.register(self._atexit)  # interpreter exit flushes every sink
 
     # ----------------------------------------------------------------- hooks on the training loop
     def _install(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
@@ -95,8 +100,13 @@ class Probe:
         if self._last_time is not None:
             self.schedule.train_seconds += now - self._last_time
         self.step += 1
-        if self.schedule.due(self.step):
-            self.measure_now()
+        try:
+            if self.schedule.due(self.step):
+                self.measure_now()
+        except Exception as exc:  # never let the probe stop a training step
+            if self.raise_errors:
+                raise
+            self._event("skip", "probe", f"measurement failed: {type(exc).__name__}: {exc}")
         self._last_time = time.perf_counter()
 
     # ----------------------------------------------------------------- one measurement
@@ -124,10 +134,13 @@ class Probe:
                     f"parameters are not finite ({', '.join(bad[:3])}) after step {self.step}"
                 )
             scalars = self._run_plugins(snapshot)
-        except MeasurementError as exc:
+        except Exception as exc:
             if self.raise_errors:
                 raise
-            self._event("skip", "probe", f"measurement skipped: {exc}")
+            if _is_oom(exc) and self.config.device.type == "cuda":
+                torch.cuda.empty_cache()
+            reason = f"{type(exc).__name__}: {exc}"
+            self._event("skip", "probe", f"measurement skipped at step {self.step}: {reason}")
         finally:
             self._measuring = False
         seconds = time.perf_counter() - start
@@ -165,9 +178,11 @@ class Probe:
         return scalars
 
     def _plugin_failed(self, name: str, exc: Exception) -> None:
-        self._failures[name] += 1
         reason = f"{type(exc).__name__}: {exc}"
         self._event("skip", name, f"plugin {name!r} skipped at step {self.step}: {reason}")
+        if isinstance(exc, MeasurementError):
+            return  # the state at this step (NaN loss, no convergence), not a bug: do not count it
+        self._failures[name] += 1
         if self._failures[name] >= self.max_failures:
             self.disabled.add(name)
             self._event(
@@ -220,12 +235,16 @@ class Probe:
         for impl in self.pm.hook.sgdprobe_load_state_dict.get_hookimpls():
             if impl.plugin_name in saved:
                 call_one(impl, state=saved[impl.plugin_name])
+        for sink in self.sinks:
+            if hasattr(sink, "resume"):
+                sink.resume(self.step)
 
     def close(self) -> None:
         """Remove the hooks and flush and close every sink. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._atexit)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -207,10 +207,17 @@ class Snapshot:
 
     # ----------------------------------------------------------------- shared computations
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """Compute once per snapshot: every plugin asking for ``key`` gets the same object."""
+        """Compute once per snapshot: every plugin asking for ``key`` gets the same object (a
+        :class:`MeasurementError` is cached too, so a failed shared computation is not retried)."""
         if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+            try:
+                self._cache[key] = compute()
+            except MeasurementError as exc:
+                self._cache[key] = exc
+        value = self._cache[key]
+        if isinstance(value, MeasurementError):
+            raise value
+        return value
 
     def hvp_operator(self) -> HessianVectorProduct:
         """The Hessian-vector product of :meth:`loss` at the snapshot's parameters (cached)."""
@@ -275,8 +282,14 @@ class Snapshot:
         want = max(k, self.config.eigenpairs_k.get(preconditioned, 0))
         key = ("eigenpairs", preconditioned)
         cached = self._cache.get(key)
-        if cached is None or len(cached) < k:
-            cached = self._cache[key] = self._lanczos(want, preconditioned)
+        if cached is None or (not isinstance(cached, MeasurementError) and len(cached) < k):
+            try:
+                cached = self._lanczos(want, preconditioned)
+            except MeasurementError as exc:  # e.g. a NaN loss: every plugin gets the same reason
+                cached = exc
+            self._cache[key] = cached
+        if isinstance(cached, MeasurementError):
+            raise cached
         if not cached.converged and not allow_unconverged:
             scale = float(cached.eigenvalues.abs().max()) or 1.0
             raise MeasurementError(

@@ -33,8 +33,15 @@ class TensorBoardSink:
                 "or logdir=None to keep results in memory only."
             ) from None
         self.logdir = logdir
+        self._writer_class = SummaryWriter
         self.writer = SummaryWriter(log_dir=logdir, purge_step=purge_step)
         self._event_counts: dict[str, int] = {}
+
+    def resume(self, step: int) -> None:
+        """Continue the run from a checkpoint taken at ``step``: events after it (written by the run
+        that crashed or was stopped) are hidden by TensorBoard (``purge_step``), the new ones appended."""
+        self.writer.close()
+        self.writer = self._writer_class(log_dir=self.logdir, purge_step=step + 1)
 
     def add_layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         """``{category: {chart title: [tags]}}`` drawn as multi-line charts."""
