@@ -340,14 +340,16 @@ def _as_sequences(m: nn.Module, a: Tensor, b: Tensor, n: int) -> tuple[Tensor, T
 
 
 def _im2col(a: Tensor, kernel: Sequence[int], dilation: Sequence[int], stride: Sequence[int]) -> Tensor:
-    """Patches of ``a (n, C, *spatial)`` (already padded) as ``(n, L, C·Πk)``, in the order of a conv
-    weight's ``(C, *k)`` flattening; one strided copy (faster than ``F.unfold`` on CPU)."""
+    """Patches of ``a (n, C, *spatial)`` (already padded) as an ``(n, L, C·Πk)`` view, in the order of a
+    conv weight's ``(C, *k)`` flattening; one strided copy (faster than ``F.unfold`` on CPU)."""
     n, C, D = a.shape[0], a.shape[1], a.dim() - 2
     for i, (k, d, s) in enumerate(zip(kernel, dilation, stride)):
         a = a.unfold(2 + i, d * (k - 1) + 1, s)  # (n, C, *out, *window)
     a = a[(..., *(slice(None, None, d) for d in dilation))]
-    a = a.permute(0, *range(2, 2 + D), 1, *range(2 + D, 2 + 2 * D))
-    return a.reshape(n, math.prod(a.shape[1 : 1 + D]), C * math.prod(kernel))
+    L = math.prod(a.shape[2 : 2 + D])
+    # (n, C, *k, *out) copied with output positions innermost: long contiguous runs, 2x faster on CPU
+    a = a.permute(0, 1, *range(2 + D, 2 + 2 * D), *range(2, 2 + D))
+    return a.reshape(n, C * math.prod(kernel), L).transpose(1, 2)
 
 
 def _cat(parts: Sequence[Tensor]) -> Tensor:
