@@ -16,6 +16,9 @@ from torch import nn
 from sgdprobe.errors import ConfigError
 from sgdprobe.linalg.hvp import HVP_METHODS
 
+DEFAULT_PER_EXAMPLE_MAX_MEMORY = 2**28
+"""Bytes of per-example work (gradients, Jacobian rows) the per-example engine holds per chunk."""
+
 Batch = tuple[Any, Any]
 """A probe batch ``(inputs, targets)``; inputs is a tensor, a tuple of positional tensors, or a dict
 of keyword tensors for the model's forward."""
@@ -137,6 +140,8 @@ class ProbeConfig:
     hvp_method: str = "reuse"
     lanczos_tol: float = 1e-3
     lanczos_max_iter: int = 100
+    per_example_chunk: int | None = None
+    per_example_max_memory: int = DEFAULT_PER_EXAMPLE_MAX_MEMORY
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     eigenpairs_k: dict[bool, int] = field(default_factory=dict)
     warm_start: dict[bool, torch.Tensor] = field(default_factory=dict)
@@ -147,6 +152,16 @@ class ProbeConfig:
         if k < 1:
             raise ConfigError(f"the number of eigenpairs must be >= 1, got {k}")
         self.eigenpairs_k[preconditioned] = max(k, self.eigenpairs_k.get(preconditioned, 0))
+
+    def limit_per_example_memory(self, chunk_size: int | None = None, max_memory: int | None = None) -> None:
+        """Tighten the per-example engine's limits (``sgdprobe.linalg.per_example``): at most
+        ``chunk_size`` examples and about ``max_memory`` bytes of per-example work per chunk. Plugins
+        call this with their options; the smallest request wins."""
+        _check_limits(chunk_size, max_memory)
+        if chunk_size is not None:
+            self.per_example_chunk = min(chunk_size, self.per_example_chunk or chunk_size)
+        if max_memory is not None:
+            self.per_example_max_memory = min(max_memory, self.per_example_max_memory)
 
     @property
     def examples_mixed_by(self) -> list[str]:
@@ -174,6 +189,8 @@ def build_config(
     hvp_method: str = "reuse",
     lanczos_tol: float = 1e-3,
     lanczos_max_iter: int = 100,
+    per_example_chunk: int | None = None,
+    per_example_max_memory: int = DEFAULT_PER_EXAMPLE_MAX_MEMORY,
 ) -> ProbeConfig:
     """Validate the user's input and build a :class:`ProbeConfig` (errors name the fix)."""
     if not isinstance(model, nn.Module):
@@ -187,6 +204,7 @@ def build_config(
     for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    _check_limits(per_example_chunk, per_example_max_memory)
     if batch_size and dataset_size and batch_size > dataset_size:
         raise ConfigError(f"batch_size ({batch_size}) cannot exceed dataset_size ({dataset_size})")
     inner = unwrap_model(model)
@@ -238,10 +256,18 @@ def build_config(
         hvp_method=hvp_method,
         lanczos_tol=lanczos_tol,
         lanczos_max_iter=lanczos_max_iter,
+        per_example_chunk=per_example_chunk,
+        per_example_max_memory=per_example_max_memory,
         device=device,
     )
     _check_loss(config)
     return config
+
+
+def _check_limits(chunk_size: int | None, max_memory: int | None) -> None:
+    for name, value in (("per-example chunk size", chunk_size), ("per-example max_memory", max_memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"the {name} must be a positive integer (examples / bytes), got {value!r}")
 
 
 def _check_loss(config: ProbeConfig) -> None:

@@ -25,6 +25,7 @@ from torch.func import functional_call
 
 from sgdprobe.config import Batch, ProbeConfig, batch_len
 from sgdprobe.errors import MeasurementError
+from sgdprobe.linalg import per_example
 from sgdprobe.linalg.hvp import HessianVectorProduct, flatten, unflatten
 from sgdprobe.linalg.lanczos import Eigenpairs, lanczos
 from sgdprobe.optim_info import OptimizerInfo, adam_preconditioner, describe_optimizer, stability_threshold
@@ -330,6 +331,122 @@ class Snapshot:
             raise MeasurementError(f"Lanczos produced non-finite eigenvalues at step {self.step}")
         self.config.warm_start[preconditioned] = result.eigenvectors[:, 0].detach().clone()
         return result
+
+    # ----- per-example quantities (sgdprobe.linalg.per_example)
+    def example_output(self, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
+        """The model's output on ONE example given without its batch dimension, returned as a batch of
+        one (what ``loss_fn`` takes). Pure in ``params``, no RNG fork: call it inside :meth:`isolated`."""
+        tensors = {**self._constants, **params}
+        tensors.update({n: b.clone() for n, b in self.buffers.items()})
+        return _call(self.model, tensors, _unsqueeze(self._prepare_inputs(inputs)))
+
+    def per_example_gradients(self) -> torch.Tensor:
+        """(n, P) gradients of each probe example's loss (cached; stores n·P numbers). See
+        :mod:`sgdprobe.linalg.per_example` for chunking, dropout and BatchNorm."""
+        return self.cached("per_example_gradients", lambda: per_example.per_example_gradients(self))
+
+    def per_example_sq_norms(self) -> torch.Tensor:
+        """(n,) squared norms ||g_i||² of the per-example gradients (cached; chunked, never n·P at once
+        unless :meth:`per_example_gradients` was already computed)."""
+
+        def make():
+            if "per_example_gradients" in self._cache:
+                return self.per_example_gradients().square().sum(1)
+            return per_example.per_example_sq_norms(self)
+
+        return self.cached("per_example_sq_norms", make)
+
+    def per_example_gram(self) -> torch.Tensor:
+        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients (cached). From the stored gradients
+        when they fit in ``per_example_max_memory`` bytes (or were computed already), else block by
+        block with at most two chunks of gradients in memory."""
+
+        def make():
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            stored = self.num_examples * self.num_params * itemsize <= self.config.per_example_max_memory
+            if stored or "per_example_gradients" in self._cache:
+                return per_example.per_example_gram(self, self.per_example_gradients())
+            return per_example.per_example_gram(self)
+
+        return self.cached("per_example_gram", make)
+
+    def gauss_newton_trace(self, estimator: str = "exact", samples: int = 1) -> torch.Tensor:
+        """(n,) per-example Gauss–Newton traces tr(G_i) (cached per estimator): ``"exact"`` (one VJP per
+        output) or ``"sampled"`` (Bartlett sampled labels, cross-entropy only, unbiased; ``samples``
+        draws per example). tr(G) of the probe objective is their mean (MATH.md §2.4, §2.6)."""
+        if estimator == "exact":
+            return self.cached("gn_trace_exact", lambda: per_example.gauss_newton_trace_exact(self))
+        if estimator == "sampled":
+            return self.cached(
+                ("gn_trace_sampled", samples),
+                lambda: per_example.gauss_newton_trace_sampled(self, samples),
+            )
+        raise ValueError(f"estimator must be 'exact' or 'sampled', got {estimator!r}")
+
+    def per_example_quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+        """(n, r, r) the matrices Vᵀ H_i V for a (P, r) matrix ``V`` of flat directions, H_i the Hessian
+        of example i's loss (not cached: it depends on ``V``)."""
+        return per_example.per_example_quadratic_forms(self, V)
+
+    def minibatch_gradients(self, batch_size: int, num_batches: int) -> torch.Tensor:
+        """(L, P) gradients of :meth:`loss` on ``num_batches`` disjoint random mini-batches of
+        ``batch_size`` probe examples (cached per sizes; works with BatchNorm in train mode)."""
+        return self.cached(
+            ("minibatch_gradients", batch_size, num_batches),
+            lambda: per_example.minibatch_gradients(self, batch_size, num_batches),
+        )
+
+    # ----- per-example Hessians (exact generalized sharpness)
+    def per_example_hessians(self, max_memory: int = 2**28) -> torch.Tensor:
+        """(n, P, P) dense Hessians H_i = ∇²_θ ℓ_i of every probe example's loss (:meth:`example_loss`,
+        the user's ``loss_fn`` on that example alone), cached. For small models only: it stores n·P²
+        numbers. Computed by ``torch.func.vmap(torch.func.hessian(...))`` over chunks of examples
+        holding about ``max_memory`` bytes of Hessians each, inside :meth:`isolated` (one dropout mask
+        for all examples). For a mean-reduced loss, mean_i H_i is the Hessian of :meth:`loss`."""
+        mixed = self.config.examples_mixed_by
+        if mixed:
+            raise MeasurementError(
+                f"per-example Hessians are undefined: {', '.join(mixed)} mix(es) the examples of a batch "
+                "(BatchNorm in train mode). Put the model in eval mode or use a per-example normalisation."
+            )
+        return self.cached("per_example_hessians", lambda: self._per_example_hessians(max_memory))
+
+    def _per_example_hessians(self, max_memory: int) -> torch.Tensor:
+        from torch.func import hessian, vmap
+
+        names = list(self.params)
+        flat0 = self.flatten(self.params).detach()
+        P = flat0.numel()
+        itemsize = flat0.element_size()
+        chunk = max(1, max_memory // max(1, 3 * P * P * itemsize))  # hessian() holds ~3 P×P per example
+
+        def loss_of(flat, x_i, y_i):
+            return self.example_loss(dict(zip(names, unflatten(flat, list(self.params.values())))), x_i, y_i)
+
+        inputs, targets = self.examples()
+        n = self.num_examples
+        out = []
+        for start in range(0, n, chunk):
+            part = slice(start, min(n, start + chunk))
+            with self.isolated():
+                h = vmap(hessian(loss_of), in_dims=(None, 0, 0), randomness="same")(
+                    flat0, self._take_examples(inputs, part), self._take_examples(targets, part)
+                )
+            out.append(h.detach())
+        hessians = torch.cat(out)
+        if not torch.isfinite(hessians).all():
+            raise MeasurementError(f"per-example Hessians are not finite at step {self.step}")
+        return 0.5 * (hessians + hessians.transpose(1, 2))
+
+    @staticmethod
+    def _take_examples(obj: Any, part: slice) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj[part]
+        if isinstance(obj, Mapping):
+            return {k: Snapshot._take_examples(v, part) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(Snapshot._take_examples(v, part) for v in obj)
+        return obj
 
 
 def _call(model, tensors, inputs):

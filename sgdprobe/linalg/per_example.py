@@ -1,0 +1,403 @@
+"""Per-example quantities of the measured loss: gradients, Gram matrices, Gauss–Newton traces and
+per-example curvature forms (MATH.md §0, §2.4, §2.6, §4).
+
+Pure functions of a :class:`~sgdprobe.snapshot.Snapshot` (anything with ``params``, ``examples()``,
+``example_loss``, ``example_output``, ``isolated()``, ``config``, ``dtype``, ``device``, ``seed``).
+The per-example loss is ℓ_i = ``loss_fn`` on example i alone (a batch of one), so every constant of
+the user's loss (mean vs. sum, ``MSELoss``'s mean over outputs) is kept: for a mean-reduced loss the
+measured objective is L = (1/n) Σ_i ℓ_i.
+
+Everything runs on the model's device with ``torch.func`` (``vmap`` over examples of ``grad``/``vjp``/
+``jvp`` of :meth:`Snapshot.example_loss`), in chunks of examples:
+
+- a chunk holds at most ``config.per_example_chunk`` examples and about ``config.per_example_max_memory``
+  bytes of per-example work (the chunk is the smaller of the two);
+- an out-of-memory error in a chunk halves the chunk and retries (the size that worked is kept in
+  ``config.per_example_chunk`` for later measurements); on a single example it raises
+  :class:`MeasurementError` (the measurement is skipped with that report).
+
+Randomness (dropout in train mode): ``vmap(..., randomness="same")``, one mask shared by all examples,
+re-drawn from the snapshot's seed in every chunk, so values do not depend on the chunk size and all
+per-example quantities of one measurement see the same mask.
+
+Models whose forward mixes examples (BatchNorm in train mode) have no per-example gradients: every
+function here raises :class:`MeasurementError` for them (plugins refuse them at attach time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.func import grad, grad_and_value, hessian, jvp, vjp, vmap
+
+from sgdprobe.errors import MeasurementError
+
+__all__ = [
+    "chunk_size",
+    "gauss_newton_trace_exact",
+    "gauss_newton_trace_sampled",
+    "is_oom",
+    "minibatch_gradients",
+    "per_example_gradients",
+    "per_example_gram",
+    "per_example_quadratic_forms",
+    "per_example_sq_norms",
+    "run_chunked",
+]
+
+
+# ----------------------------------------------------------------------------- chunking
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (CUDA, MPS or host allocator)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def chunk_size(snapshot, width: int) -> int:
+    """Examples per chunk for work of ``width`` numbers per example: ``max_memory`` / (width · itemsize),
+    capped by ``config.per_example_chunk``, at least 1."""
+    config = snapshot.config
+    itemsize = torch.empty((), dtype=snapshot.dtype).element_size()
+    size = max(1, int(config.per_example_max_memory) // max(1, width * itemsize))
+    if config.per_example_chunk is not None:
+        size = min(size, int(config.per_example_chunk))
+    return size
+
+
+def run_chunked(snapshot, n: int, width: int, fn: Callable[[int, int], Any], what: str) -> list[Any]:
+    """``[fn(start, stop) for consecutive chunks]`` covering examples 0..n−1; an out-of-memory error
+    halves the chunk and retries, and on one example raises :class:`MeasurementError`."""
+    size = chunk_size(snapshot, width)
+    outs: list[Any] = []
+    start = 0
+    while start < n:
+        stop = min(n, start + size)
+        try:
+            outs.append(fn(start, stop))
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            _free_memory(snapshot.device)
+            if stop - start == 1:
+                raise MeasurementError(
+                    f"{what}: out of memory on a single example ({type(exc).__name__}: {exc}). Measure "
+                    "fewer parameters, use a smaller model or dtype, or disable this plugin."
+                ) from exc
+            size = (stop - start) // 2
+            snapshot.config.per_example_chunk = size
+            continue
+        start = stop
+    return outs
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_per_example(snapshot) -> None:
+    mixed = snapshot.config.examples_mixed_by
+    if mixed:
+        raise MeasurementError(
+            f"per-example quantities are undefined: {', '.join(mixed)} mix(es) the examples of a batch "
+            "(BatchNorm in train mode). Put the model in eval mode, or use an estimator built on "
+            "mini-batch gradients (gradient_covariance estimator='minibatch')."
+        )
+
+
+def _select(obj: Any, index: slice | torch.Tensor) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[index]
+    if isinstance(obj, Mapping):
+        return {k: _select(v, index) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_select(v, index) for v in obj)
+    return obj
+
+
+def _chunk(snapshot, start: int, stop: int) -> tuple[Any, Any]:
+    inputs, targets = snapshot.examples()
+    return _select(inputs, slice(start, stop)), _select(targets, slice(start, stop))
+
+
+def _rows(tree: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    """``{name: (b, *shape)}`` → (b, P) in the order of ``names`` (the order of ``Snapshot.flatten``)."""
+    first = tree[names[0]]
+    return torch.cat([tree[n].reshape(first.shape[0], -1) for n in names], dim=1)
+
+
+def _params(snapshot) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in snapshot.params.items()}
+
+
+def _num_params(snapshot) -> int:
+    return sum(p.numel() for p in snapshot.params.values())
+
+
+def _grads_chunk(snapshot, start: int, stop: int, targets: Any = None) -> torch.Tensor:
+    """(b, P) gradients of ℓ_i for examples start..stop−1 (``targets`` replaces the chunk's labels)."""
+    inputs, labels = _chunk(snapshot, start, stop)
+    labels = labels if targets is None else targets
+    params = _params(snapshot)
+    with snapshot.isolated():
+        g = vmap(grad(snapshot.example_loss), in_dims=(None, 0, 0), randomness="same")(params, inputs, labels)
+    return _rows(g, list(params))
+
+
+# ----------------------------------------------------------------------------- gradients
+def per_example_gradients(snapshot) -> torch.Tensor:
+    """(n, P) per-example gradients g_i = ∇_θ ℓ_i of all probe examples (stored: n·P numbers)."""
+    _check_per_example(snapshot)
+    P = _num_params(snapshot)
+    chunks = run_chunked(
+        snapshot,
+        snapshot.num_examples,
+        2 * P,
+        lambda a, b: _grads_chunk(snapshot, a, b),
+        "per-example gradients",
+    )
+    return torch.cat(chunks)
+
+
+def per_example_sq_norms(snapshot) -> torch.Tensor:
+    """(n,) squared norms ||g_i||², chunk by chunk (at most one chunk of gradients held)."""
+    _check_per_example(snapshot)
+    P = _num_params(snapshot)
+
+    def one(a, b):
+        return _grads_chunk(snapshot, a, b).square().sum(1)
+
+    return torch.cat(run_chunked(snapshot, snapshot.num_examples, 2 * P, one, "per-example squared norms"))
+
+
+def per_example_gram(snapshot, gradients: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, n) Gram matrix ⟨g_i, g_j⟩ (MATH.md §4, Gram trick).
+
+    From ``gradients`` (n, P) when given; otherwise block by block, recomputing the gradients of one
+    chunk against every later chunk, so that at most two chunks of gradients are held at once (about
+    k²/2 gradient passes for k chunks: the price of bounded memory).
+    """
+    if gradients is not None:
+        return gradients @ gradients.T
+    _check_per_example(snapshot)
+    n, P = snapshot.num_examples, _num_params(snapshot)
+    bounds: list[tuple[int, int]] = []
+
+    def diagonal(a, b):
+        rows = _grads_chunk(snapshot, a, b)
+        bounds.append((a, b))
+        return rows @ rows.T
+
+    blocks = run_chunked(snapshot, n, 4 * P, diagonal, "per-example Gram matrix")
+    gram = torch.zeros(n, n, dtype=snapshot.dtype, device=snapshot.device)
+    for (a, b), block in zip(bounds, blocks):
+        gram[a:b, a:b] = block
+    for i, (a, b) in enumerate(bounds[:-1]):
+        left = _grads_chunk(snapshot, a, b)
+        for c, d in bounds[i + 1 :]:
+            block = left @ _grads_chunk(snapshot, c, d).T
+            gram[a:b, c:d] = block
+            gram[c:d, a:b] = block.T
+    return gram
+
+
+# ----------------------------------------------------------------------------- Gauss–Newton traces
+def _single_output(z: Any) -> torch.Tensor:
+    if not isinstance(z, torch.Tensor):
+        raise MeasurementError(
+            f"the Gauss–Newton trace needs the model to return one tensor of outputs, got {type(z).__name__}"
+        )
+    return z
+
+
+def gauss_newton_trace_exact(snapshot) -> torch.Tensor:
+    """(n,) exact tr(G_i) = tr(J_iᵀ H_{z,i} J_i), G_i the Gauss–Newton matrix of ℓ_i (MATH.md §0, §2.4).
+
+    H_{z,i} = ∇²_z loss_fn(z_i, y_i) (C×C, C = outputs per example, by ``torch.func.hessian``) is factored
+    H_z = L Lᵀ (eigh, negative rounding clipped), and tr(G_i) = Σ_c ||J_iᵀ L[:, c]||² by one
+    vector-Jacobian product per column (C per example). G's constants follow ``loss_fn`` on one example:
+    ``MSELoss()`` gives H_z = (2/C) I, ½||z − y||² gives I.
+    """
+    _check_per_example(snapshot)
+    params = _params(snapshot)
+    names = list(params)
+    loss_fn = snapshot.loss_fn
+
+    def one(x_i, y_i):
+        z, pullback = vjp(lambda p: _single_output(snapshot.example_output(p, x_i)), params)
+        y1 = _unsqueeze(y_i)
+        h = hessian(lambda zz: loss_fn(zz, y1))(z.detach())
+        m = z.numel()
+        w, U = torch.linalg.eigh(h.reshape(m, m))
+        L = U * w.clamp(min=0).sqrt()
+
+        def row_sq(u):
+            g = pullback(u.reshape(z.shape))[0]
+            return sum(g[k].square().sum() for k in names)
+
+        return vmap(row_sq)(L.T).sum()
+
+    def chunk(a, b):
+        inputs, targets = _chunk(snapshot, a, b)
+        with snapshot.isolated():
+            return vmap(one, randomness="same")(inputs, targets)
+
+    C = _outputs_per_example(snapshot)
+    width = (C + 2) * _num_params(snapshot)
+    return torch.cat(run_chunked(snapshot, snapshot.num_examples, width, chunk, "Gauss–Newton trace"))
+
+
+def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = None) -> torch.Tensor:
+    """(n,) unbiased estimates of tr(G_i) by sampled labels (Bartlett; MATH.md §2.6): ŷ_i ~ softmax(z_i),
+    ĝ_i = ∇_θ ℓ(z_i, ŷ_i), E||ĝ_i||² = tr(G_i); the mean of ``samples`` independent draws per example.
+
+    One backward per example and draw, whatever the number of classes C. Valid only when ``loss_fn`` on
+    one example is −log softmax(z)_y (cross-entropy without label smoothing or class weights), with
+    outputs of shape (1, C): this is checked on every draw, and a mismatch raises
+    :class:`MeasurementError` (use the exact estimator then). Labels are drawn with a private
+    ``torch.Generator`` seeded from ``seed`` (default: the snapshot's seed), never the global RNG.
+    """
+    _check_per_example(snapshot)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    generator = torch.Generator().manual_seed(int(snapshot.seed if seed is None else seed) % (2**63))
+    params = _params(snapshot)
+    names = list(params)
+
+    def chunk(a, b):
+        inputs, _ = _chunk(snapshot, a, b)
+        with torch.no_grad(), snapshot.isolated():
+            z = vmap(lambda x: snapshot.example_output(params, x), randomness="same")(inputs)
+        z = _single_output(z)
+        if z.dim() != 3 or z.shape[1] != 1:
+            raise MeasurementError(
+                f"the sampled-label Gauss–Newton estimator needs class logits of shape (batch, C), got "
+                f"per-example outputs {tuple(z.shape[1:])}; use estimator='exact'"
+            )
+        logp = torch.log_softmax(z[:, 0].to(torch.float64), dim=-1)
+        labels = torch.multinomial(logp.exp().cpu(), samples, replacement=True, generator=generator)
+        labels = labels.to(z.device)
+        total = torch.zeros(b - a, dtype=snapshot.dtype, device=snapshot.device)
+        for s in range(samples):
+            y_hat = labels[:, s]
+            with snapshot.isolated():
+                g, values = vmap(
+                    grad_and_value(snapshot.example_loss), in_dims=(None, 0, 0), randomness="same"
+                )(params, inputs, y_hat)
+            nll = -logp.gather(1, y_hat[:, None])[:, 0]
+            if not torch.allclose(values.to(torch.float64).reshape(-1), nll, rtol=1e-3, atol=1e-5):
+                raise MeasurementError(
+                    "the sampled-label (Bartlett) estimator needs loss_fn(z, y) = -log softmax(z)[y] on one "
+                    "example (cross-entropy, mean or sum, without label smoothing or class weights); this "
+                    "loss_fn differs. Use estimator='exact'."
+                )
+            total += _rows(g, names).square().sum(1)
+        return total / samples
+
+    P = _num_params(snapshot)
+    return torch.cat(run_chunked(snapshot, snapshot.num_examples, 2 * P, chunk, "sampled Gauss–Newton trace"))
+
+
+def _outputs_per_example(snapshot) -> int:
+    inputs, _ = _chunk(snapshot, 0, 1)
+    with torch.no_grad():
+        z = snapshot.forward(None, inputs)
+    return max(1, _single_output(z).numel())
+
+
+def _unsqueeze(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.unsqueeze(0)
+    if isinstance(obj, Mapping):
+        return {k: _unsqueeze(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_unsqueeze(v) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------- curvature forms
+def per_example_quadratic_forms(snapshot, V: torch.Tensor) -> torch.Tensor:
+    """(n, r, r) the matrices Vᵀ H_i V, H_i = ∇²_θ ℓ_i the Hessian of example i's loss, for a (P, r)
+    matrix ``V`` of flat directions (a (P,) vector is taken as r = 1). Symmetrized.
+
+    One per-example Hessian-vector product per column (``vmap`` over examples of a double backward;
+    ``jvp`` of ``grad`` when the probe's ``hvp_method`` is ``"forward_over_reverse"``, falling back to
+    the double backward where an op lacks forward mode, e.g. ``nn.MSELoss`` in torch 2.13), one column
+    at a time, so at most one chunk of P-vectors per example is held. mean_i Vᵀ H_i V = Vᵀ H V for a
+    mean-reduced loss without dropout.
+    """
+    _check_per_example(snapshot)
+    params = _params(snapshot)
+    names = list(params)
+    P = _num_params(snapshot)
+    V = V.detach().to(device=snapshot.device, dtype=snapshot.dtype)
+    if V.dim() == 1:
+        V = V[:, None]
+    if V.dim() != 2 or V.shape[0] != P:
+        raise ValueError(
+            f"V must be (P, r) with P = {P} (the number of probed parameters), got {tuple(V.shape)}"
+        )
+    tangents = [snapshot.unflatten(V[:, k]) for k in range(V.shape[1])]
+    mode = {"forward": snapshot.config.hvp_method == "forward_over_reverse"}
+
+    def hvp_one(x_i, y_i, t):
+        def g(p):
+            return grad(snapshot.example_loss)(p, x_i, y_i)
+
+        if mode["forward"]:
+            return jvp(g, (params,), (t,))[1]
+        return grad(lambda p: sum((g(p)[k] * t[k]).sum() for k in names))(params)
+
+    def chunk(a, b):
+        inputs, targets = _chunk(snapshot, a, b)
+        cols = []
+        for t in tangents:
+            try:
+                with snapshot.isolated():
+                    hv = vmap(hvp_one, in_dims=(0, 0, None), randomness="same")(inputs, targets, t)
+            except RuntimeError as exc:
+                if is_oom(exc) or not mode["forward"]:
+                    raise
+                mode["forward"] = False  # an op without forward-mode support: double backward instead
+                with snapshot.isolated():
+                    hv = vmap(hvp_one, in_dims=(0, 0, None), randomness="same")(inputs, targets, t)
+            cols.append(_rows(hv, names) @ V)  # (b, r): row k of Vᵀ H_i V
+        Q = torch.stack(cols, dim=2)  # Q[i, j, k] = v_jᵀ H_i v_k
+        return 0.5 * (Q + Q.transpose(1, 2))
+
+    return torch.cat(run_chunked(snapshot, snapshot.num_examples, 4 * P, chunk, "per-example Hessian forms"))
+
+
+# ----------------------------------------------------------------------------- mini-batch gradients
+def minibatch_gradients(snapshot, batch_size: int, num_batches: int, seed: int | None = None) -> torch.Tensor:
+    """(L, P) gradients of :meth:`Snapshot.loss` on L = ``num_batches`` disjoint mini-batches of
+    ``batch_size`` = M probe examples drawn without replacement (one random permutation from a private
+    generator), for Jastrzebski et al.'s mini-batch estimator (MATH.md §4, App. C). One backward per
+    mini-batch on the whole mini-batch, so it works when the forward mixes examples (BatchNorm)."""
+    n = snapshot.num_examples
+    if batch_size < 1 or num_batches < 2 or batch_size * num_batches > n:
+        raise MeasurementError(
+            f"{num_batches} disjoint mini-batches of {batch_size} need {num_batches * batch_size} probe "
+            f"examples (and at least 2 batches): the probe data has {n}. "
+            "Pass more probe data or use smaller sizes."
+        )
+    generator = torch.Generator().manual_seed(int(snapshot.seed if seed is None else seed) % (2**63))
+    perm = torch.randperm(n, generator=generator).to(snapshot.device)
+    inputs, targets = snapshot.examples()
+    names = list(snapshot.params)
+    rows = []
+    for l in range(num_batches):
+        idx = perm[l * batch_size : (l + 1) * batch_size]
+        leaves = {k: p.detach().requires_grad_(True) for k, p in snapshot.params.items()}
+        with torch.enable_grad():
+            loss = snapshot.loss(leaves, batches=[(_select(inputs, idx), _select(targets, idx))])
+            grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+        rows.append(
+            torch.cat(
+                [(torch.zeros_like(leaves[k]) if g is None else g).reshape(-1) for k, g in zip(names, grads)]
+            )
+        )
+    return torch.stack(rows)
