@@ -11,9 +11,12 @@ Tags:
 - ``grad_cov/lambda_max``: λ_K^1, the largest eigenvalue of K_g;
 - ``grad_cov/lambda_min_nonzero`` and ``grad_cov/conditioning``: λ_K^*, the smallest non-zero eigenvalue,
   and λ_K^*/λ_K^1. Rank rule (MATH.md §4): K_g has rank ≤ n − 1 (L − 1 for the mini-batch estimator)
-  and ≤ P; an eigenvalue counts as non-zero when it exceeds ``rank_rtol``·λ_K^1 (default m·ε, m the
-  size of the Gram matrix and ε the measurement dtype's machine epsilon: smaller ratios are rounding
-  at this precision, measure in float64 with ``dtype=`` to resolve them); λ_K^* is the rank-th largest;
+  and ≤ P; an eigenvalue counts as non-zero when it exceeds ``rank_rtol``·λ_K^1, default
+  m·ε₆₄ + 100·ε² (m the size of the Gram matrix, ε₆₄ float64's machine epsilon for the eigensolver,
+  ε the measurement dtype's for the gradients: the Gram matrix is accumulated in float64, so an
+  eigenvalue λ carries a relative error ≈ 2ε·√(λ_K^1/λ), ≈ 20 % at the default cut in float32 and
+  below 1 % from ratios 1e-9 up; measure with ``dtype=torch.float64`` to resolve smaller ones); λ_K^*
+  is the rank-th largest;
 - ``grad_cov/rank``: that rank; ``grad_cov/trace``: tr K_g = (1/n) Σ_i ||g_i − ḡ||²;
 - ``grad_cov/break_even_lhs``: (1 − ηλ_1)² + s²η²(N − S)/(S(N − 1)), Wu et al.'s stability condition
   of plain SGD along the top Hessian eigenvector v_1 (shared Lanczos run), s² = Var_i[v_1ᵀ H_i v_1] the
@@ -61,7 +64,7 @@ class GradientCovariance:
         :param num_batches: L, mini-batch gradients of the mini-batch estimator.
         :param minibatch_size: M of the mini-batch estimator (default: training batch size, ≤ n/L).
         :param break_even: log the break-even condition (default: whenever per-example Hessians exist).
-        :param rank_rtol: relative threshold of the rank rule (default m·ε).
+        :param rank_rtol: relative threshold of the rank rule (default m·ε₆₄ + 100·ε²).
         :param chunk_size: at most this many examples per chunk of the per-example engine.
         :param max_memory: about this many bytes of per-example work per chunk."""
         if estimator not in _ESTIMATORS:
@@ -145,7 +148,9 @@ class GradientCovariance:
     def sgdprobe_measure(self, snapshot: sgdprobe.Snapshot):
         eig, max_rank = self._spectrum(snapshot)
         top = float(eig[0])
-        rtol = self.rank_rtol if self.rank_rtol is not None else eig.numel() * torch.finfo(snapshot.dtype).eps
+        rtol = self.rank_rtol
+        if rtol is None:
+            rtol = eig.numel() * torch.finfo(torch.float64).eps + 100 * torch.finfo(snapshot.dtype).eps ** 2
         rank = min(int((eig > rtol * top).sum()), max_rank) if top > 0 else 0
         out = {"grad_cov/lambda_max": top, "grad_cov/trace": float(eig.sum()), "grad_cov/rank": rank}
         if rank > 0:

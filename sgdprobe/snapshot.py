@@ -357,9 +357,9 @@ class Snapshot:
         return self.cached("per_example_sq_norms", make)
 
     def per_example_gram(self) -> torch.Tensor:
-        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients (cached). From the stored gradients
-        when they fit in ``per_example_max_memory`` bytes (or were computed already), else block by
-        block with at most two chunks of gradients in memory."""
+        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients, in float64 (cached). From the
+        stored gradients when they fit in ``per_example_max_memory`` bytes (or were computed already),
+        else block by block with at most two chunks of gradients in memory."""
 
         def make():
             itemsize = torch.empty((), dtype=self.dtype).element_size()

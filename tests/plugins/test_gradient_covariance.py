@@ -38,6 +38,25 @@ def test_spectrum_matches_the_explicit_covariance(kind):
     assert out["grad_cov/trace"] == pytest.approx(torch.trace(K).item(), rel=1e-6)
 
 
+def test_float32_measurement_resolves_small_eigenvalues():
+    """The Gram matrix is accumulated in float64: a float32 model's conditioning (≈ 2e-5 on digits)
+    matches the float64 reference, where a float32 Gram product stops at its rounding floor (≈ 3e-5)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x[:256] / 16.0, dtype=torch.float32), torch.tensor(y[:256])
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    out = sgdprobe.measure(
+        model, nn.CrossEntropyLoss(), (x, y), lr=0.1, plugins={"gradient_covariance": {"break_even": False}}
+    )
+    G = explicit_grads(model.double(), nn.CrossEntropyLoss(), (x.double(), y))
+    ev = torch.linalg.svdvals(G - G.mean(0)) ** 2 / len(G)  # K_g's spectrum by an SVD, no Gram matrix
+    assert out["grad_cov/rank"] == 255
+    assert (ev[254] / ev[0]).item() < 3e-5
+    assert out["grad_cov/conditioning"] == pytest.approx((ev[254] / ev[0]).item(), rel=1e-3)
+
+
 def test_rank_is_capped_by_the_number_of_parameters():
     torch.manual_seed(0)
     model = nn.Linear(2, 1).double()  # P = 3 < n − 1
@@ -133,3 +152,19 @@ def test_tags_reach_tensorboard(tmp_path):
     for tag in ("lambda_max", "conditioning", "trace", "break_even_lhs"):
         values = scalars(tmp_path, f"grad_cov/{tag}")
         assert [s for s, _ in values] == [2, 4] and all(np.isfinite(v) for _, v in values)
+
+
+def test_example_runs_both_plugins_enabled_by_name(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "digits_noise_and_covariance.py"
+    spec = importlib.util.spec_from_file_location("digits_noise_and_covariance", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(logdir=str(tmp_path), epochs=2, every=45)  # 57 steps per epoch
+    K = scalars(tmp_path, "noise_kernel/K")
+    assert [s for s, _ in K] == [45, 90]
+    assert K[1][1] > 2 * K[0][1]  # the learning rate was multiplied by 4 after the first epoch
+    for tag in ("grad_cov/conditioning", "grad_cov/break_even_lhs", "noise_kernel/gn_trace"):
+        assert [s for s, _ in scalars(tmp_path, tag)] == [45, 90] == [s for s, _ in history[tag]]
