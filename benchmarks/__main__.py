@@ -37,7 +37,7 @@ def _repeats(args, name: str) -> tuple[int, int]:
     if args.quick:
         return 1, 0
     if args.repeats is not None:
-        return args.repeats, 1
+        return args.repeats, args.warmup
     if name == "resnet18" and args.device.type == "cpu":
         return 1, 0  # minutes per run on a CPU; the whole suite warms up on one gradient first
     return 3, 1
@@ -112,16 +112,8 @@ def run_per_example(args) -> dict[str, Any]:
         case = make_case(name, _sizes(args, name), args.device)
         _warm(case)
         out["models"][name] = case.description
-        memory = None
-        if args.device.type == "cpu" and not args.quick:
-            memory = {}
-            fns, _ = per_example.methods(case)
-            for label in fns:
-                memory[label] = _subprocess_json(
-                    args, ["_memory_one", name, json.dumps(_sizes(args, name)), label]
-                ).get("bytes")
         repeats, warmup = (1, 0) if args.quick else (args.repeats or 5, 1)
-        out["rows"] += per_example.bench_case(case, repeats=repeats, warmup=warmup, memory=memory)
+        out["rows"] += per_example.bench_case(case, repeats=repeats, warmup=warmup)
         _progress(f"per_example {name} done")
     return out
 
@@ -129,16 +121,28 @@ def run_per_example(args) -> dict[str, Any]:
 def run_overhead(args) -> dict[str, Any]:
     from benchmarks import overhead
 
-    tasks = [overhead.digits_task(args.quick, args.device)]
-    if args.device.type == "cuda":
-        tasks.append(overhead.cifar_task(args.quick, args.device, width=64, batch=256, steps=400))
-    else:
-        tasks.append(overhead.cifar_task(args.quick, args.device, width=16, batch=32, steps=160))
+    quick, dev = args.quick, args.device
+    cockpit = ("plain", "sgdprobe sharpness every 16", "cockpit HessMaxEV every 16")
+    defaults = ("plain", "sgdprobe defaults, all plugins", "sgdprobe defaults (plugins=None)")
+    if dev.type == "cuda":
+        jobs = [
+            (overhead.digits_task(quick, dev, epochs=300), defaults),
+            (overhead.digits_task(quick, dev, epochs=10), cockpit),
+            (overhead.cifar_task(quick, dev, width=64, batch=256, steps=1600), overhead.CONFIGS),
+        ]
+    else:  # the long runs the default schedule needs to amortize its first measurement, then Cockpit
+        jobs = [
+            (overhead.digits_task(quick, dev, epochs=300), defaults),
+            (overhead.digits_task(quick, dev, epochs=10), cockpit),
+            (overhead.cifar_task(quick, dev, width=16, batch=32, steps=64), overhead.CONFIGS),
+        ]
     out = {"tasks": []}
-    for task in tasks:
-        repeats = 1 if args.quick else (args.repeats or 3)
-        out["tasks"].append(overhead.bench_task(task, repeats=repeats, warmup=0 if args.quick else 1))
-        _progress(f"overhead {task['name']} done")
+    repeats = 1 if quick else (args.repeats or 2)
+    for task, configs in jobs:
+        out["tasks"].append(
+            overhead.bench_task(task, repeats=repeats, warmup=0 if quick else 1, configs=configs)
+        )
+        _progress(f"overhead {task['name']} ({len(task['batches'])} steps) done")
     return out
 
 
@@ -159,18 +163,6 @@ def run_scaling(args) -> dict[str, Any]:
     )
 
 
-def _subprocess_json(args, extra: list[str]) -> dict:
-    import subprocess
-
-    cmd = [sys.executable, "-m", "benchmarks", *extra, "--device", str(args.device)]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -186,7 +178,7 @@ RUNNERS = {
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("benchmark", choices=[*BENCHMARKS, "all", "_scaling_one", "_memory_one"])
+    parser.add_argument("benchmark", choices=[*BENCHMARKS, "all", "profile", "_scaling_one"])
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks that it runs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -209,14 +201,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = scaling.scale_one(json.loads(args.args[0]), str(args.device), args.repeats or 1, args.warmup)
         print(json.dumps(row))
         return row
-    if args.benchmark == "_memory_one":
-        from benchmarks import per_example
+    if args.benchmark == "profile":
+        from benchmarks.profile import profile_case
 
-        name, size, label = args.args
-        case = make_case(name, json.loads(size), args.device)
-        row = {"bytes": per_example.memory_of(case, label)}
-        print(json.dumps(row))
-        return row
+        tables = {}
+        for name in args.models or ("resnet18",):
+            case = make_case(name, _sizes(args, name), args.device)
+            for label, text in profile_case(case, with_per_example=name != "resnet18").items():
+                print(f"## {case.description}: {label}\n{text}")
+                tables[f"{name}: {label}"] = text
+        if args.out:
+            _write(args.out, {"profiles": tables, "machine": common.machine(args.device)})
+        return tables
     which = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     results: dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -42,14 +42,40 @@ def installed_plugins() -> tuple[list[str], dict[str, str]]:
     return ok, broken
 
 
-def digits_task(quick: bool, device: torch.device) -> dict[str, Any]:
+def usable_plugins(task, plugins: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The plugins among ``plugins`` that accept this model and data at attach time (e.g. per-example
+    plugins refuse BatchNorm in train mode, which mixes the examples of a batch), and why the others not."""
+    ok, refused = [], {}
+    for name in plugins:
+        model = copy.deepcopy(task["model"]).train()
+        opt = task["optimizer"](model.parameters())
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sgdprobe.attach(
+                    opt,
+                    model,
+                    F.cross_entropy,
+                    task["probe"],
+                    logdir=False,
+                    plugins=[name],
+                    batch_size=task["batch_size"],
+                    dataset_size=task["dataset_size"],
+                ).close()
+            ok.append(name)
+        except Exception as exc:
+            refused[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return ok, refused
+
+
+def digits_task(quick: bool, device: torch.device, epochs: int = 25) -> dict[str, Any]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target)
     g = torch.Generator().manual_seed(0)
-    epochs = 2 if quick else 25
+    epochs = 2 if quick else epochs
     batch = 32
     batches = []
     for _ in range(epochs):
@@ -113,6 +139,8 @@ def _train(task, config: str, plugins: list[str], logdir: str) -> dict[str, Any]
         )
         if config == "sgdprobe sharpness every 16":
             options.update(every=16, plugins=["sharpness"])
+        elif config == "sgdprobe defaults (plugins=None)":
+            options.update(plugins=None)
         else:
             options.update(plugins=plugins)
         probe = sgdprobe.attach(opt, model, F.cross_entropy, task["probe"], **options)
@@ -156,14 +184,23 @@ def _train(task, config: str, plugins: list[str], logdir: str) -> dict[str, Any]
     return info
 
 
-def bench_task(task, *, repeats: int, warmup: int = 1, include_cockpit: bool = True) -> dict[str, Any]:
-    plugins, broken = installed_plugins()
-    configs = ["plain", "sgdprobe defaults, all plugins", "sgdprobe sharpness every 16"]
+CONFIGS = (
+    "plain",
+    "sgdprobe defaults, all plugins",
+    "sgdprobe defaults (plugins=None)",
+    "sgdprobe sharpness every 16",
+    "cockpit HessMaxEV every 16",
+)
+
+
+def bench_task(task, *, repeats: int, warmup: int = 1, configs=CONFIGS) -> dict[str, Any]:
+    installed, broken = installed_plugins()
+    plugins, refused = usable_plugins(task, installed)
+    configs = ["plain", *[c for c in configs if c != "plain"]]
     skipped = {}
-    if include_cockpit and peer("cockpit") is not None:
-        configs.append("cockpit HessMaxEV every 16")
-    else:
-        skipped["cockpit HessMaxEV every 16"] = why("cockpit") if include_cockpit else "not run"
+    if "cockpit HessMaxEV every 16" in configs and peer("cockpit") is None:
+        configs.remove("cockpit HessMaxEV every 16")
+        skipped["cockpit HessMaxEV every 16"] = why("cockpit")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -201,5 +238,6 @@ def bench_task(task, *, repeats: int, warmup: int = 1, include_cockpit: bool = T
         "steps": steps,
         "plugins": plugins,
         "plugins_not_importable": broken,
+        "plugins_refused": refused,
         "rows": rows,
     }

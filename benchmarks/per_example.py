@@ -9,9 +9,8 @@ methods a plugin calls (they pick ghost when the model allows, else vmap), and t
 available. Per-example gradients here are those of each example's loss (a batch of one); BackPACK's
 are those of the mean-reduced batch loss (1/n of it), which the consistency check accounts for.
 
-Peak memory: on CUDA the allocator's peak above the memory in use before the call; on the CPU the
-growth of peak RSS of a fresh process that runs only that method (``--memory``), so the numbers are
-exact but include the allocator's caching.
+Peak memory (:class:`benchmarks.common.PeakMemory`): on CUDA the allocator's peak above the memory in use
+before the call; on the CPU the sampled peak resident set size above the one before the call.
 """
 
 from __future__ import annotations
@@ -35,8 +34,16 @@ def _optional(module: str):
         return None
 
 
+_CONFIGS: dict[int, Any] = {}
+
+
 def _snapshot(case: Case) -> sgdprobe.Snapshot:
-    return sgdprobe.Snapshot(build_config(case.model, None, case.loss_fn, case.batch, lr=1.0), 0)
+    """A fresh snapshot (its caches empty) of a config built once per case, as a probe does: the config
+    is built at attach, a snapshot at every measurement."""
+    key = id(case)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = build_config(case.model, None, case.loss_fn, case.batch, lr=1.0)
+    return sgdprobe.Snapshot(_CONFIGS[key], 0)
 
 
 def methods(case: Case) -> tuple[dict[str, Any], dict[str, str]]:
@@ -166,7 +173,7 @@ def bench_case(
     device = case.x.device
     fns, missing = methods(case)
     timed = interleaved(fns, device, repeats=repeats, warmup=warmup)
-    if device.type == "cuda" and memory is None:
+    if memory is None:
         memory = {}
         for label, fn in fns.items():
             if "error" in timed[label]:
@@ -210,12 +217,3 @@ def bench_case(
                 key = "vs_backpack_l2" if other == "BackPACK BatchL2Grad" else "vs_backpack_gram"
                 r[key] = r["seconds"] / b["seconds"]
     return rows
-
-
-def memory_of(case: Case, label: str) -> int:
-    """Peak memory of one method in this process (CPU: call in a fresh process; see module doc)."""
-    fns, _ = methods(case)
-    fn = fns[label]
-    with PeakMemory(case.x.device) as pm:
-        fn()
-    return pm.bytes

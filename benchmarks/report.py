@@ -164,9 +164,10 @@ def render_overhead(res) -> str:
                 ]
             )
         broken = ", ".join(sorted(task["plugins_not_importable"])) or "none"
+        refused = "; ".join(f"{k}: {v[:120]}" for k, v in task.get("plugins_refused", {}).items()) or "none"
         out.append(
             f"**{task['task']}**: {task['description']}. Plugins: {', '.join(task['plugins'])} "
-            f"(listed but not importable: {broken})\n\n"
+            f"(listed but not importable: {broken}; refusing this model: {refused})\n\n"
             + table(
                 [
                     "configuration",
