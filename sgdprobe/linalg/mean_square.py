@@ -14,9 +14,9 @@ Exact value (:func:`generalized_sharpness`), never forming a d² × d² matrix: 
 H = V Λ Vᵀ, C is diagonal with entries c_kl = (λ_k + λ_l)/2. When C ⪰ 0, C†D = C^{†/2}(C^{†/2}D) has
 the same non-zero eigenvalues as the symmetric S = C^{†/2} D C^{†/2}, and S maps symmetric matrices to
 symmetric ones; by Thm 6 the top eigenvector is symmetric (PSD), so λ_max(S) is found by Lanczos
-(:func:`sgdprobe.linalg.lanczos`) on the d(d+1)/2-dimensional space of symmetric matrices, with one
-application of D per step: 2·n·d³ flops, or ≈ 4·n·d²·k when every H_i has rank ≤ k (e.g. a ReLU
-network with MSE), which is used automatically.
+(:func:`sgdprobe.linalg.lanczos`) on the symmetric matrices supported on the pairs with c_kl > 0 (at
+most d(d+1)/2 dimensions), with one application of D per step: 2·n·d³ flops, or ≈ 4·n·d²·k when every
+H_i has rank ≤ k (e.g. a ReLU network with MSE), which is used automatically.
 
 Lower bounds (necessary conditions for stability, η* ≤ 2/bound): for any X = U Uᵀ ≠ 0 the generalized
 Rayleigh quotient
@@ -175,6 +175,8 @@ def generalized_sharpness(
         return MeanSquareResult(0.0, zero, lam, 0.0, True, 0, 0)
     factors = _factor(rot, factor_rtol) if p > 0 else None
     rows, cols, weight = _sym_pack(d, forms.device)
+    support = s[rows, cols] > 0  # S vanishes outside the pairs kept by C†: Lanczos runs on the rest only
+    rows, cols, weight = rows[support], cols[support], weight[support]
     lam_outer = lam[:, None] * lam[None, :]
 
     def unpack(v: torch.Tensor) -> torch.Tensor:
@@ -199,7 +201,7 @@ def generalized_sharpness(
         Y = 0.5 * (Y + Y.T)
         return Y[rows, cols] * weight
 
-    m = d * (d + 1) // 2
+    m = int(rows.numel())
     gen = torch.Generator().manual_seed(seed)
     start = torch.zeros(d, d, dtype=torch.float64)
     start[0, 0] = 1.0  # e1 e1ᵀ: the direction of eq. (15)
