@@ -207,7 +207,7 @@ class GeneralizedSharpness:
             )
         out = {f"{g}lower_bound_eq15": ms.bound_eq15(inner[:, 0, 0], p)}
         if full:
-            out[f"{g}lower_bound_eq16"] = ms.bound_eq16(forms, p, null_rtol=rtol)
+            out[f"{g}lower_bound_eq16"] = ms.bound_eq16(inner, p)  # = eq. (16) of forms (same P_+)
         out[f"{g}lower_bound_rank1"] = ms.rank_one_bound(inner, p, steps=self.optimize_steps)[0]
         value, _ = ms.rank_r_bound(inner, p, min(self.rank, lam.numel()), steps=self.optimize_steps)
         out[f"{g}lower_bound_rank{self.rank}"] = value

@@ -243,7 +243,15 @@ def positive_part(
     if null_rtol is None:
         null_rtol = 1e-10 if forms.dtype == torch.float64 else 1e-5
     forms = _check_forms(forms, 0.0)
-    lam, E = torch.linalg.eigh(forms.mean(0))
+    M = forms.mean(0)
+    diag = M.diagonal()
+    if bool((M - torch.diag(diag)).abs().max() <= 1e-13 * (float(diag.abs().max()) or 1.0)):
+        # already in H's eigenbasis (e.g. the output of this function): select, do not rotate
+        lam, order = torch.sort(diag, descending=True)
+        keep = order[lam > null_rtol * (float(lam.abs().max()) or 1.0)]
+        W = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)[:, keep]
+        return diag[keep], W, forms[:, keep][:, :, keep]
+    lam, E = torch.linalg.eigh(M)
     lam, E = lam.flip(0), E.flip(1)
     keep = lam > null_rtol * (float(lam.abs().max()) or 1.0)
     W = E[:, keep]
@@ -288,7 +296,8 @@ def bound_eq16(forms: torch.Tensor, p: float, *, null_rtol: float | None = None)
     lam, _, inner = positive_part(forms, null_rtol=null_rtol)
     if lam.numel() == 0:
         raise ValueError("H has no positive eigenvalue: eq. (16) is undefined")
-    return float(psd_quotient(inner, p, torch.eye(lam.numel(), dtype=inner.dtype, device=inner.device)))
+    M = inner.mean(0)  # R(U = I) of psd_quotient, without the identity products
+    return float(((1.0 - p) * (M**2).sum() + p * (inner**2).sum((1, 2)).mean()) / M.trace())
 
 
 def _maximise(forms: torch.Tensor, p: float, U0: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
