@@ -42,8 +42,15 @@ def _cnn_bn_dropout():
     )
 
 
+def _mlp_cross_entropy_nesterov():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    return model, opt, None, nn.CrossEntropyLoss(), "classes"
+
+
 SETUPS = {
     "sgd_momentum": _mlp_sgd_momentum,
+    "cross_entropy_nesterov": _mlp_cross_entropy_nesterov,
     "adamw_scheduler": _mlp_adamw_scheduler,
     "cnn_bn_dropout": _cnn_bn_dropout,
 }
@@ -53,6 +60,8 @@ def _data(kind, n, seed):
     g = torch.Generator().manual_seed(seed)
     if kind == "images":
         return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    if kind == "classes":
+        return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
     return torch.randn(n, 6, generator=g), torch.randn(n, 3, generator=g)
 
 
@@ -101,6 +110,46 @@ def test_training_is_bit_identical_with_the_probe_measuring_every_step(setup, tm
         assert torch.equal(b, c), n  # BatchNorm running stats and num_batches_tracked
     assert_same_tree(ref_opt.state_dict(), opt.state_dict())
     assert torch.equal(ref_draw, draw)  # the next random draw: the RNG stream was not consumed
+
+
+ALL_BUILTINS = {
+    "sharpness": {"k": 2},
+    "eigenvector_similarity": {"k": 2},
+    "noise_kernel": {},
+    "gradient_covariance": {},
+    "generalized_sharpness": {},
+}
+# BatchNorm in train mode mixes the examples of a batch: the per-example plugins refuse it at attach
+# (tested in test_reliability), and the mini-batch covariance estimator stands in for them.
+BN_BUILTINS = {
+    "sharpness": {"k": 2},
+    "eigenvector_similarity": {"k": 2},
+    "gradient_covariance": {"estimator": "minibatch", "num_batches": 4, "minibatch_size": 4},
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_training_is_bit_identical_with_every_builtin_plugin_measuring_every_step(setup, tmp_path):
+    """The same contract with every built-in plugin enabled (per-example engines, sampled labels,
+    Lanczos warm starts, stored eigenvectors): nothing they do reaches the training state."""
+    plugins = BN_BUILTINS if setup == "cnn_bn_dropout" else dict(ALL_BUILTINS)
+    if setup == "cross_entropy_nesterov":  # sampled labels: random draws that must stay off the training RNG
+        plugins["noise_kernel"] = {"estimator": "sampled"}
+    ref_model, ref_opt, ref_draw, _ = train(setup)
+    kwargs = dict(logdir=tmp_path, every=1, plugins=plugins, batch_size=8, dataset_size=160)
+    model, opt, draw, probe = train(setup, kwargs)
+    skipped = [e for e in probe.events if e[1] != "warning"]
+    measured = {tag.split("/")[0] for tag in probe.history}
+    assert {"sharpness", "eigvec", "grad_cov"} <= measured, (measured, skipped)
+    if setup != "cnn_bn_dropout":
+        assert {"noise_kernel", "generalized_sharpness"} <= measured, (measured, skipped)
+    for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+        assert torch.equal(p.grad, q.grad), n
+    for (n, b), (_, c) in zip(ref_model.named_buffers(), model.named_buffers()):
+        assert torch.equal(b, c), n
+    assert_same_tree(ref_opt.state_dict(), opt.state_dict())
+    assert torch.equal(ref_draw, draw)
 
 
 # --- schedule, history, close ------------------------------------------------------------------------
