@@ -13,7 +13,9 @@ of the dynamics linearized at the current parameters (see ``null_rtol`` in
 Modes (``mode=``): ``"exact"`` forms the per-example Hessians (n·P² numbers) and computes the value
 matrix-free; ``"bounds"`` needs only Vᵀ H_i V for the top-``rank`` Lanczos eigenvectors V (shared run)
 and logs certified lower bounds on the generalized sharpness (upper bounds on η*: necessary conditions
-for stability); ``"auto"`` (default) is exact up to ``max_exact_params`` parameters.
+for stability; certified at a regular minimum, H_i ⪰ 0, and otherwise up to the Lanczos residual of V,
+whose columns must be eigenvectors of H for X = V A Vᵀ to lie in range(C)); ``"auto"`` (default) is
+exact up to ``max_exact_params`` parameters (README: measured cost).
 
 Tags (``<r>`` = ``rank``):
 
