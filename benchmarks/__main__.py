@@ -28,8 +28,9 @@ def _mode(args) -> str:
 
 def _sizes(args, name: str) -> dict:
     size = dict(SIZES[_mode(args)][name])
-    if name == "resnet18" and _mode(args) == "cpu" and args.resnet_batch:
+    if name == "resnet18" and _mode(args) == "cpu":
         size["batch"] = args.resnet_batch
+        size["width"] = args.resnet_width
     return size
 
 
@@ -150,7 +151,9 @@ def run_scaling(args) -> dict[str, Any]:
     from benchmarks import scaling
 
     base = SIZES[_mode(args)]["gpt"]
-    if args.quick:
+    if args.widths:
+        widths = tuple(args.widths)
+    elif args.quick:
         widths = (16, 32)
     elif args.device.type == "cuda":
         widths = (256, 512, 1024, 1536)
@@ -158,9 +161,8 @@ def run_scaling(args) -> dict[str, Any]:
         widths = (64, 128, 256, 384)
     sizes = [{**base, "d": d} for d in widths]
     repeats = 1 if args.quick else (args.repeats or 3)
-    return scaling.run(
-        sizes, args.device, repeats, 0 if args.quick else 1, args.threads, fresh=not args.quick
-    )
+    warmup = 0 if args.quick or args.repeats else 1
+    return scaling.run(sizes, args.device, repeats, warmup, args.threads, fresh=not args.quick)
 
 
 def _progress(msg: str) -> None:
@@ -188,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, help="timed repeats (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", help="restrict to these models")
+    parser.add_argument("--widths", nargs="+", type=int, help="scaling: GPT widths d (6 layers)")
     parser.add_argument("--resnet-batch", type=int, default=8, help="ResNet-18 batch on the CPU (default 8)")
+    parser.add_argument("--resnet-width", type=int, default=64, help="ResNet-18 width on the CPU")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     if args.no_peers:  # an environment variable, so that the subprocesses of `scaling` see it too

@@ -229,6 +229,10 @@ def bench_task(task, *, repeats: int, warmup: int = 1, configs=CONFIGS) -> dict[
         last = runs[c][-1]
         row.update(seconds=secs, all_seconds=[i["seconds"] for i in runs[c]], overhead=secs / plain - 1)
         row.update({k: v for k, v in last.items() if k != "seconds"})
+        if last.get("measure_seconds") is not None:  # the probe's own clock, within one run: load-proof
+            row["probe_share"] = statistics.median(
+                i["measure_seconds"] / max(i["seconds"] - i["measure_seconds"], 1e-9) for i in runs[c]
+            )
         if c != "plain" and last.get("measurements"):
             row["cost_per_tracked_step_in_steps"] = (secs - plain) / last["measurements"] / (plain / steps)
         rows.append(row)

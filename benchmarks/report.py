@@ -152,13 +152,14 @@ def render_overhead(res) -> str:
         rows = []
         for r in task["rows"]:
             if "skipped" in r:
-                rows.append([r["config"], "skipped: " + r["skipped"][:80], "", "", ""])
+                rows.append([r["config"], "skipped: " + r["skipped"][:80], "", "", "", ""])
                 continue
             rows.append(
                 [
                     r["config"],
                     fmt_time(r["seconds"]),
                     f"{100 * r['overhead']:+.1f} %",
+                    "—" if r.get("probe_share") is None else f"{100 * r['probe_share']:.1f} %",
                     r.get("measurements", "—"),
                     _f(r.get("cost_per_tracked_step_in_steps"), ".1f"),
                 ]
@@ -172,7 +173,8 @@ def render_overhead(res) -> str:
                 [
                     "configuration",
                     "run time (median)",
-                    "overhead",
+                    "overhead vs plain",
+                    "probe time / training time (same run)",
                     "measurements",
                     "cost per tracked step (plain steps)",
                 ],

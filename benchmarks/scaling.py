@@ -98,7 +98,8 @@ def run(
             cmd += ["--threads", str(threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            rows.append({"size": size, "skipped": proc.stderr.strip().splitlines()[-1][:300]})
+            lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+            rows.append({"size": size, "skipped": lines[-1][:300]})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     good = [r for r in rows if "peak_memory_bytes" in r]
