@@ -98,8 +98,8 @@ def lanczos(
         order = torch.argsort(theta, descending=True)[:k]
         beta_val = float(beta)
         residuals = beta_val * S[-1, order].abs()
-        scale = float(theta.abs().max()) or 1.0
-        result = (theta[order], S[:, order], residuals, j + 1)
+        scale = float(theta.abs().max()) or 1.0  # largest |Ritz value| of all: an estimate of ||A||
+        result = (theta[order], S[:, order], residuals, j + 1, scale)
         breakdown = beta_val <= 1e-10 * scale
         # After a breakdown the Krylov space is invariant: its Ritz pairs are exact, but a second copy
         # of an eigenvalue (or a part of the spectrum the start vector missed) would be invisible, so
@@ -116,10 +116,11 @@ def lanczos(
         else:
             betas.append(beta.detach().to("cpu", torch.float64))
             v = w / beta
-    theta, S, residuals, m = result
+    theta, S, residuals, m, scale = result
     vectors = basis[:m].T @ S.to(device=device, dtype=dtype)
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
-    scale = float(theta.abs().max()) or 1.0
+    # The same scale as the stopping test above (all Ritz values, not only the k returned), so a run
+    # that stopped because it met the tolerance is never reported as unconverged.
     converged = len(theta) == k and bool((residuals <= tol * scale).all())
     return Eigenpairs(theta.clone(), vectors, residuals.clone(), converged, m)
 

@@ -67,3 +67,17 @@ def test_algebraically_largest_not_largest_magnitude():
 def test_bad_k():
     with pytest.raises(ValueError):
         lanczos(lambda v: v, 3, 4)
+
+
+def test_stopping_and_reported_convergence_use_the_same_scale():
+    """tol is relative to the largest |Ritz value| (≈ ||A||): with a very negative eigenvalue far
+    below a small top one, a run that stops on the tolerance must report converged=True, and its
+    top residual must be within tol·||A||."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.tensor([-1000.0, 1.0]), torch.rand(198, generator=g, dtype=torch.float64) * 0.9])
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(w.double()) @ Q.T
+    res = lanczos(lambda v: A @ v, 200, 1, tol=1e-3, max_iter=200, dtype=torch.float64)
+    assert res.n_matvecs < 200  # it stopped on the tolerance ...
+    assert res.converged  # ... and says so
+    assert float(res.residuals[0]) <= 1e-3 * 1000 * 1.01
