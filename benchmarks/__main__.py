@@ -137,6 +137,8 @@ def run_overhead(args) -> dict[str, Any]:
             (overhead.digits_task(quick, dev, epochs=10), cockpit),
             (overhead.cifar_task(quick, dev, width=16, batch=32, steps=64), overhead.CONFIGS),
         ]
+    if args.models:  # e.g. --models digits
+        jobs = [(t, c) for t, c in jobs if any(m.lower() in t["name"].lower() for m in args.models)]
     out = {"tasks": []}
     repeats = 1 if quick else (args.repeats or 2)
     for task, configs in jobs:
