@@ -205,7 +205,8 @@ def make_case(name: str, size: dict, device: torch.device | str = "cpu", seed: i
         model = MLP(**size)
         x = torch.randn(batch, model.net[0].in_features, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
-        desc = f"MLP {size}, batch {batch}"
+        widths = "-".join(str(m.out_features) for m in model.net if isinstance(m, nn.Linear))
+        desc = f"MLP {model.net[0].in_features}-{widths} (tanh), batch {batch}"
     elif name == "resnet18":
         image = size.pop("image", 32)
         model = ResNet18(**size)
@@ -217,7 +218,7 @@ def make_case(name: str, size: dict, device: torch.device | str = "cpu", seed: i
         model = ConvNet(**size)
         x = torch.randn(batch, 3, image, image, generator=g)
         y = torch.randint(0, 10, (batch,), generator=g)
-        desc = f"ConvNet {size}, batch {batch}×3×{image}×{image}"
+        desc = f"ConvNet (width {size.get('width', 32)}), batch {batch}×3×{image}×{image}"
     elif name == "gpt":
         tokens = size.pop("tokens")
         model = GPT(context=tokens, **size)
