@@ -296,11 +296,15 @@ def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = No
                     grad_and_value(snapshot.example_loss), in_dims=(None, 0, 0), randomness="same"
                 )(params, inputs, y_hat)
             nll = -logp.gather(1, y_hat[:, None])[:, 0]
-            if not torch.allclose(values.to(torch.float64).reshape(-1), nll, rtol=1e-3, atol=1e-5):
+            # rounding of a float32 log-softmax grows with the logits: tolerate it, not a wrong constant
+            tol = 1e-3 * nll.abs() + 100 * torch.finfo(z.dtype).eps * (1 + z[:, 0].abs().amax(-1).double())
+            diff = (values.to(torch.float64).reshape(-1) - nll).abs()
+            if (diff > tol).any():
                 raise MeasurementError(
                     "the sampled-label (Bartlett) estimator needs loss_fn(z, y) = -log softmax(z)[y] on one "
                     "example (cross-entropy, mean or sum, without label smoothing or class weights); this "
-                    "loss_fn differs. Use estimator='exact'."
+                    f"loss_fn differs (by up to {float(diff.max()):.3g}). "
+                    "Use estimator='exact'."
                 )
             total += _rows(g, names).square().sum(1)
         return total / samples
