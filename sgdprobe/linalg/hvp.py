@@ -10,6 +10,9 @@ Hessian):
 - ``"double_backward"``: rebuild the gradient graph for every product (3.1–3.4× a gradient), lowest
   peak memory between products.
 - ``"forward_over_reverse"``: ``torch.func.jvp(torch.func.jacrev(L))`` (5–7× a gradient on an H100).
+  On torch 2.13 its products are wrong through LayerNorm (BENCHMARKS.md §2), so the first product of
+  every operator is checked against a reverse-over-reverse one and a disagreement raises
+  :class:`sgdprobe.MeasurementError` (use ``"reuse"``) instead of returning a wrong Hessian.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+
+from sgdprobe.errors import MeasurementError
 
 HVP_METHODS = ("reuse", "double_backward", "forward_over_reverse")
 
@@ -61,6 +66,7 @@ class HessianVectorProduct:
         self.dim = sum(p.numel() for p in self.params)
         self.n_calls = 0
         self._flat_grad: torch.Tensor | None = None
+        self._verified = False  # forward_over_reverse: checked against reverse-over-reverse once
         self.loss_value: torch.Tensor | None = None
 
     def gradient(self) -> torch.Tensor:
@@ -85,15 +91,36 @@ class HessianVectorProduct:
                 hv = torch.autograd.grad(g, self.params, grad_outputs=v, retain_graph=True, allow_unused=True)
             return flatten(_grads_or_zeros(hv, self.params)).detach()
         if self.method == "double_backward":
-            with torch.enable_grad():
-                value = self.loss(self.params)
-                grads = torch.autograd.grad(value, self.params, create_graph=True, allow_unused=True)
-                flat = flatten(_grads_or_zeros(grads, self.params))
-                if not flat.requires_grad:
-                    return torch.zeros_like(v)
-                hv = torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True)
-            return flatten(_grads_or_zeros(hv, self.params)).detach()
-        # forward-over-reverse with torch.func
+            return self._double_backward(v)
+        hv = self._forward_over_reverse(v)
+        if not self._verified:
+            self._check_forward_over_reverse(v, hv)
+        return hv
+
+    def _double_backward(self, v: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            value = self.loss(self.params)
+            grads = torch.autograd.grad(value, self.params, create_graph=True, allow_unused=True)
+            flat = flatten(_grads_or_zeros(grads, self.params))
+            if not flat.requires_grad:
+                return torch.zeros_like(v)
+            hv = torch.autograd.grad(flat, self.params, grad_outputs=v, allow_unused=True)
+        return flatten(_grads_or_zeros(hv, self.params)).detach()
+
+    def _check_forward_over_reverse(self, v: torch.Tensor, hv: torch.Tensor) -> None:
+        """Compare one forward-over-reverse product with reverse-over-reverse (tolerance √ε relative)."""
+        reference = self._double_backward(v)
+        scale = float(reference.norm()) or 1.0
+        error = float((hv - reference).norm()) / scale
+        if error > torch.finfo(hv.dtype).eps ** 0.5:
+            raise MeasurementError(
+                f"hvp_method='forward_over_reverse' disagrees with reverse-over-reverse by {error:.2g} "
+                "(relative) on this model: torch.func's forward mode is wrong through some ops (LayerNorm "
+                "on torch 2.13). Use hvp_method='reuse' (the default) or 'double_backward'."
+            )
+        self._verified = True
+
+    def _forward_over_reverse(self, v: torch.Tensor) -> torch.Tensor:
         primals = tuple(p.detach() for p in self.params)
         tangents = tuple(unflatten(v, self.params))
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch.func import grad, grad_and_value, hessian, jvp, vjp, vmap
+from torch.func import grad, grad_and_value, hessian, vjp, vmap
 
 from sgdprobe.errors import MeasurementError
 
@@ -335,11 +335,10 @@ def per_example_quadratic_forms(snapshot, V: torch.Tensor) -> torch.Tensor:
     """(n, r, r) the matrices Vᵀ H_i V, H_i = ∇²_θ ℓ_i the Hessian of example i's loss, for a (P, r)
     matrix ``V`` of flat directions (a (P,) vector is taken as r = 1). Symmetrized.
 
-    One per-example Hessian-vector product per column (``vmap`` over examples of a double backward;
-    ``jvp`` of ``grad`` when the probe's ``hvp_method`` is ``"forward_over_reverse"``, falling back to
-    the double backward where an op lacks forward mode, e.g. ``nn.MSELoss`` in torch 2.13), one column
-    at a time, so at most one chunk of P-vectors per example is held. mean_i Vᵀ H_i V = Vᵀ H V for a
-    mean-reduced loss without dropout.
+    One per-example Hessian-vector product per column (``vmap`` over examples of a double backward,
+    always: forward-over-reverse products are wrong through LayerNorm on torch 2.13, BENCHMARKS.md §2),
+    one column at a time, so at most one chunk of P-vectors per example is held. mean_i Vᵀ H_i V = Vᵀ H V
+    for a mean-reduced loss without dropout.
     """
     _check_per_example(snapshot)
     params = _params(snapshot)
@@ -353,29 +352,19 @@ def per_example_quadratic_forms(snapshot, V: torch.Tensor) -> torch.Tensor:
             f"V must be (P, r) with P = {P} (the number of probed parameters), got {tuple(V.shape)}"
         )
     tangents = [snapshot.unflatten(V[:, k]) for k in range(V.shape[1])]
-    mode = {"forward": snapshot.config.hvp_method == "forward_over_reverse"}
 
     def hvp_one(x_i, y_i, t):
         def g(p):
             return grad(snapshot.example_loss)(p, x_i, y_i)
 
-        if mode["forward"]:
-            return jvp(g, (params,), (t,))[1]
         return grad(lambda p: sum((g(p)[k] * t[k]).sum() for k in names))(params)
 
     def chunk(a, b):
         inputs, targets = _chunk(snapshot, a, b)
         cols = []
         for t in tangents:
-            try:
-                with snapshot.isolated():
-                    hv = vmap(hvp_one, in_dims=(0, 0, None), randomness="same")(inputs, targets, t)
-            except RuntimeError as exc:
-                if is_oom(exc) or not mode["forward"]:
-                    raise
-                mode["forward"] = False  # an op without forward-mode support: double backward instead
-                with snapshot.isolated():
-                    hv = vmap(hvp_one, in_dims=(0, 0, None), randomness="same")(inputs, targets, t)
+            with snapshot.isolated():
+                hv = vmap(hvp_one, in_dims=(0, 0, None), randomness="same")(inputs, targets, t)
             cols.append(_rows(hv, names) @ V)  # (b, r): row k of Vᵀ H_i V
         Q = torch.stack(cols, dim=2)  # Q[i, j, k] = v_jᵀ H_i v_k
         return 0.5 * (Q + Q.transpose(1, 2))
