@@ -346,22 +346,31 @@ class Snapshot:
         return self.cached("per_example_gradients", lambda: per_example.per_example_gradients(self))
 
     def per_example_sq_norms(self) -> torch.Tensor:
-        """(n,) squared norms ||g_i||² of the per-example gradients (cached; chunked, never n·P at once
-        unless :meth:`per_example_gradients` was already computed)."""
+        """(n,) squared norms ||g_i||² of the per-example gradients (cached): by the ghost-norm identity
+        for models of Linear/Conv/Embedding/norm layers (:mod:`sgdprobe.linalg.ghost`), else by chunked
+        ``vmap(grad)``, never n·P at once unless :meth:`per_example_gradients` was already computed."""
 
         def make():
             if "per_example_gradients" in self._cache:
                 return self.per_example_gradients().square().sum(1)
-            return per_example.per_example_sq_norms(self)
+            stats = per_example.ghost_statistics(self)  # Linear/Conv/Embedding/norm layers: ~1-2× a backward
+            return per_example.per_example_sq_norms(self) if stats is None else stats.sq_norms
 
         return self.cached("per_example_sq_norms", make)
 
     def per_example_gram(self) -> torch.Tensor:
-        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients, in float64 (cached). From the
-        stored gradients when they fit in ``per_example_max_memory`` bytes (or were computed already),
-        else block by block with at most two chunks of gradients in memory."""
+        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients, in float64 (cached). In float64
+        measurements by the ghost identity where the model allows; otherwise from the stored gradients
+        when they fit in ``per_example_max_memory`` bytes (or were computed already), else block by block
+        with at most two chunks of gradients in memory."""
 
         def make():
+            if self.dtype == torch.float64 and "per_example_gradients" not in self._cache:
+                # The ghost identity in the measurement dtype: in float32 its Gram would sit at float32
+                # rounding (the small eigenvalues the conditioning needs), so only for float64.
+                stats = per_example.ghost_statistics(self, gram=True)
+                if stats is not None:
+                    return stats.gram
             itemsize = torch.empty((), dtype=self.dtype).element_size()
             stored = self.num_examples * self.num_params * itemsize <= self.config.per_example_max_memory
             if stored or "per_example_gradients" in self._cache:

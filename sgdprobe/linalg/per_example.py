@@ -173,6 +173,55 @@ def per_example_sq_norms(snapshot) -> torch.Tensor:
     return torch.cat(run_chunked(snapshot, snapshot.num_examples, 2 * P, one, "per-example squared norms"))
 
 
+def ghost_statistics(snapshot, gram: bool = False):
+    """Per-example squared norms (and the Gram matrix if ``gram``) by the ghost-norm identity of
+    :mod:`sgdprobe.linalg.ghost`, from layer inputs and output gradients of batched forwards and
+    backwards, without per-example gradients; ``None`` when the model has a layer it does not cover or
+    dropout is active (the caller then uses ``vmap(grad)``, whose one-mask-for-all-examples convention
+    a batched forward cannot reproduce).
+
+    Squared norms are computed chunk by chunk over the examples (same limits and out-of-memory halving
+    as the vmap path); the Gram matrix needs every example in one batch, so it is ``None`` when the
+    probe set is larger than one chunk.
+    """
+    from sgdprobe.linalg.ghost import GhostUnsupported, ghost_sq_norms_and_gram, per_example_losses
+
+    _check_per_example(snapshot)
+    if any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        for m in snapshot.model.modules()
+    ):
+        return None
+    n, P = snapshot.num_examples, _num_params(snapshot)
+    if gram and chunk_size(snapshot, 6 * P) < n:
+        return None
+    frozen = {k: p.detach() for k, p in snapshot.model.named_parameters() if k not in snapshot.params}
+    itemsize = torch.empty((), dtype=snapshot.dtype).element_size()
+
+    def one(a, b):
+        tensors = {**frozen, **_params(snapshot), **{k: t.clone() for k, t in snapshot.buffers.items()}}
+        inputs, targets = _chunk(snapshot, a, b)
+        with snapshot.isolated():
+            return ghost_sq_norms_and_gram(
+                snapshot.model,
+                tensors,
+                snapshot._prepare_inputs(inputs),
+                targets,
+                lambda out, y: per_example_losses(snapshot.loss_fn, out, y),
+                names=list(snapshot.params),
+                gram=gram,
+                max_elements=max(snapshot.config.per_example_max_memory // itemsize, 1),
+            )
+
+    try:
+        if gram:
+            return one(0, n)
+        parts = run_chunked(snapshot, n, 2 * P, one, "per-example squared norms (ghost)")
+    except GhostUnsupported:
+        return None
+    return parts[0]._replace(sq_norms=torch.cat([p.sq_norms for p in parts]))
+
+
 def _products(left: torch.Tensor, right: torch.Tensor, rows: int) -> torch.Tensor:
     """left @ rightᵀ accumulated in float64, ``rows`` rows of ``left`` at a time."""
     right = right.to(torch.float64)
