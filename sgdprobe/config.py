@@ -204,7 +204,7 @@ def build_config(
     for name, value in (("batch_size", batch_size), ("dataset_size", dataset_size)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    _check_limits(per_example_chunk, per_example_max_memory)
+    _check_limits(per_example_chunk, per_example_max_memory, ("per_example_chunk", "per_example_max_memory"))
     if batch_size and dataset_size and batch_size > dataset_size:
         raise ConfigError(f"batch_size ({batch_size}) cannot exceed dataset_size ({dataset_size})")
     inner = unwrap_model(model)
@@ -264,10 +264,12 @@ def build_config(
     return config
 
 
-def _check_limits(chunk_size: int | None, max_memory: int | None) -> None:
-    for name, value in (("per-example chunk size", chunk_size), ("per-example max_memory", max_memory)):
+def _check_limits(
+    chunk_size: int | None, max_memory: int | None, names: tuple[str, str] = ("chunk_size", "max_memory")
+) -> None:
+    for name, value, unit in ((names[0], chunk_size, "examples"), (names[1], max_memory, "bytes")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"the {name} must be a positive integer (examples / bytes), got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer ({unit}), got {value!r}")
 
 
 def _check_loss(config: ProbeConfig) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sgdprobe.config import ProbeConfig, build_config, unwrap_optimizer
+from sgdprobe.config import DEFAULT_PER_EXAMPLE_MAX_MEMORY, ProbeConfig, build_config, unwrap_optimizer
 from sgdprobe.errors import ConfigError, MeasurementError, ProbeWarning
 from sgdprobe.plugin_manager import call_one, load_plugins, make_plugin_manager
 from sgdprobe.schedule import Schedule
@@ -326,6 +326,8 @@ def attach(
     hvp_method: str = "reuse",
     lanczos_tol: float = 1e-3,
     lanczos_max_iter: int = 100,
+    per_example_chunk: int | None = None,
+    per_example_max_memory: int = DEFAULT_PER_EXAMPLE_MAX_MEMORY,
     max_failures: int = 3,
 ) -> Probe:
     """Attach a probe to ``optimizer``: after each of its steps that the schedule picks, measure.
@@ -349,6 +351,10 @@ def attach(
     :param hvp_method: ``"reuse"``, ``"double_backward"`` or ``"forward_over_reverse"`` (see linalg.hvp).
     :param lanczos_tol: Ritz residual tolerance relative to the largest Ritz value.
     :param lanczos_max_iter: Lanczos iteration cap; an unconverged run is reported as such.
+    :param per_example_chunk: at most this many examples per chunk of the per-example engine (noise
+        kernel, gradient covariance, generalized sharpness); ``None``: set by ``per_example_max_memory``.
+    :param per_example_max_memory: about this many bytes of per-example work per chunk (default 256 MiB);
+        an out-of-memory error inside a chunk halves it and retries.
     :param max_failures: a plugin failing this many measurements in a row is disabled.
     """
     inner_optimizer = unwrap_optimizer(optimizer)
@@ -370,6 +376,8 @@ def attach(
         hvp_method=hvp_method,
         lanczos_tol=lanczos_tol,
         lanczos_max_iter=lanczos_max_iter,
+        per_example_chunk=per_example_chunk,
+        per_example_max_memory=per_example_max_memory,
     )
     loaded = load_plugins(plugins)
     probe = Probe(
@@ -395,11 +403,14 @@ def measure(
     hvp_method: str = "reuse",
     lanczos_tol: float = 1e-3,
     lanczos_max_iter: int = 100,
+    per_example_chunk: int | None = None,
+    per_example_max_memory: int = DEFAULT_PER_EXAMPLE_MAX_MEMORY,
 ) -> dict[str, float]:
     """One measurement at the current parameters, with the same plugins and no hooks.
 
     Thresholds use ``optimizer``'s hyper-parameters if given, else plain gradient descent with ``lr``
-    (``lr`` overrides the optimizer's rate). Errors are raised, not skipped.
+    (``lr`` overrides the optimizer's rate). Errors are raised, not skipped. The keyword arguments are
+    those of :func:`attach`.
     """
     config = build_config(
         model,
@@ -415,6 +426,8 @@ def measure(
         hvp_method=hvp_method,
         lanczos_tol=lanczos_tol,
         lanczos_max_iter=lanczos_max_iter,
+        per_example_chunk=per_example_chunk,
+        per_example_max_memory=per_example_max_memory,
     )
     probe = Probe(config, load_plugins(plugins), schedule=Schedule(1), sinks=[], raise_errors=True)
     try:

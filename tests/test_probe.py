@@ -385,3 +385,14 @@ def test_measure_returns_scalars_without_hooks(mlp_problem):
     out = sgdprobe.measure(model, loss_fn, batch, lr=0.5)
     assert out["sharpness/threshold"] == 4.0
     assert out["sharpness/eos_ratio"] == pytest.approx(out["sharpness/lambda_max"] / 4.0)
+
+
+def test_per_example_limits_reach_the_engine(mlp_problem):
+    model, loss_fn, batch = mlp_problem
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with sgdprobe.attach(
+        opt, model, loss_fn, batch, logdir=False, every=1, per_example_chunk=3, per_example_max_memory=2**20
+    ) as probe:
+        assert (probe.config.per_example_chunk, probe.config.per_example_max_memory) == (3, 2**20)
+    with pytest.raises(sgdprobe.ConfigError, match="per_example_chunk"):
+        sgdprobe.measure(model, loss_fn, batch, lr=0.1, per_example_chunk=0)
