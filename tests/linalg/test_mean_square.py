@@ -76,9 +76,13 @@ def test_exact_value_and_bounds_against_kronecker_products(seed, d, n, p):
     assert b16 == pytest.approx(rayleigh(Hs, p, torch.eye(d, dtype=torch.float64)), rel=1e-12)
     assert b1 == pytest.approx(rayleigh(Hs, p, torch.outer(v1, v1)), rel=1e-10)
     # ... and the paper's threshold forms of (15) and (16)
-    assert 2 / b15 == pytest.approx(2 * lam[-1] / (lam[-1] ** 2 + p * ((q - lam[-1]) ** 2).mean()), rel=1e-10)
+    assert 2 / b15 == pytest.approx(
+        float(2 * lam[-1] / (lam[-1] ** 2 + p * ((q - lam[-1]) ** 2).mean())), rel=1e-10
+    )
     fro = (Hs**2).sum((1, 2))
-    assert 2 / b16 == pytest.approx(2 * H.trace() / ((1 - p) * (H**2).sum() + p * fro.mean()), rel=1e-10)
+    assert 2 / b16 == pytest.approx(
+        float(2 * H.trace() / ((1 - p) * (H**2).sum() + p * fro.mean())), rel=1e-10
+    )
 
     ranks = [ms.rank_r_bound(Hs, p, r) for r in range(1, d + 1)]
     for value, Xr in ranks:
