@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgdprobe._tree import map_tensors
 from sgdprobe.errors import ConfigError
 from sgdprobe.linalg.hvp import HVP_METHODS
 
@@ -65,16 +66,6 @@ def batch_len(batch: Batch) -> int:
     return int(first.shape[0])
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, Mapping):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
 def collect_batches(data: Any, num_batches: int, device: torch.device) -> list[Batch]:
     """Fix the probe data once, at attach time.
 
@@ -110,7 +101,7 @@ def collect_batches(data: Any, num_batches: int, device: torch.device) -> list[B
                     f"{type(b).__name__}{'' if not isinstance(b, (tuple, list)) else f' of length {len(b)}'}"
                 )
         batches = [tuple(b) for b in batches]
-    return [tuple(_to(part, device) for part in b) for b in batches]
+    return [tuple(map_tensors(part, lambda t: t.to(device)) for part in b) for b in batches]
 
 
 def mixes_examples(model: nn.Module) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from sgdprobe._tree import map_tensors
 from sgdprobe.config import Batch, ProbeConfig, batch_len
 from sgdprobe.errors import MeasurementError
 from sgdprobe.linalg import per_example
@@ -157,13 +158,7 @@ class Snapshot:
     def _prepare_inputs(self, inputs):
         if not self._cast_inputs:
             return inputs
-        if isinstance(inputs, torch.Tensor):
-            return inputs.to(self.dtype) if inputs.is_floating_point() else inputs
-        if isinstance(inputs, Mapping):
-            return {k: self._prepare_inputs(v) for k, v in inputs.items()}
-        if isinstance(inputs, (tuple, list)):
-            return type(inputs)(self._prepare_inputs(v) for v in inputs)
-        return inputs
+        return map_tensors(inputs, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
     def forward(self, params: Mapping[str, torch.Tensor] | None, inputs: Any) -> Any:
         """The model's output at ``params`` (default: the snapshot's), without side effects."""
@@ -439,23 +434,15 @@ class Snapshot:
             part = slice(start, min(n, start + chunk))
             with self.isolated():
                 h = vmap(hessian(loss_of), in_dims=(None, 0, 0), randomness="same")(
-                    flat0, self._take_examples(inputs, part), self._take_examples(targets, part)
+                    flat0,
+                    map_tensors(inputs, lambda t, s=part: t[s]),
+                    map_tensors(targets, lambda t, s=part: t[s]),
                 )
             out.append(h.detach())
         hessians = torch.cat(out)
         if not torch.isfinite(hessians).all():
             raise MeasurementError(f"per-example Hessians are not finite at step {self.step}")
         return 0.5 * (hessians + hessians.transpose(1, 2))
-
-    @staticmethod
-    def _take_examples(obj: Any, part: slice) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj[part]
-        if isinstance(obj, Mapping):
-            return {k: Snapshot._take_examples(v, part) for k, v in obj.items()}
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(Snapshot._take_examples(v, part) for v in obj)
-        return obj
 
 
 def _call(model, tensors, inputs):
@@ -475,13 +462,8 @@ def _as_kwargs(inputs):
 
 
 def _unsqueeze(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.unsqueeze(0)
-    if isinstance(obj, Mapping):
-        return {k: _unsqueeze(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_unsqueeze(v) for v in obj)
-    return obj
+    """Batch inputs or targets of ONE example as a batch of one."""
+    return map_tensors(obj, lambda t: t.unsqueeze(0))
 
 
 def _concat(parts: list):

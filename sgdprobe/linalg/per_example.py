@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.func import grad, grad_and_value, hessian, vjp, vmap
 
+from sgdprobe._tree import map_tensors
 from sgdprobe.errors import MeasurementError
 
 __all__ = [
@@ -109,13 +110,7 @@ def _check_per_example(snapshot) -> None:
 
 
 def _select(obj: Any, index: slice | torch.Tensor) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj[index]
-    if isinstance(obj, Mapping):
-        return {k: _select(v, index) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_select(v, index) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t[index])
 
 
 def _chunk(snapshot, start: int, stop: int) -> tuple[Any, Any]:
@@ -370,13 +365,7 @@ def _outputs_per_example(snapshot) -> int:
 
 
 def _unsqueeze(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.unsqueeze(0)
-    if isinstance(obj, Mapping):
-        return {k: _unsqueeze(v) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_unsqueeze(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.unsqueeze(0))
 
 
 # ----------------------------------------------------------------------------- curvature forms
