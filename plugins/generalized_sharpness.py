@@ -86,13 +86,9 @@ class GeneralizedSharpness:
 
     @sgdprobe.hookimpl
     def sgdprobe_configure(self, config: sgdprobe.ProbeConfig) -> None:
-        mixed = config.examples_mixed_by
-        if mixed:
-            raise sgdprobe.ConfigError(
-                f"generalized_sharpness needs per-example Hessians, but {', '.join(mixed)} mix(es) the "
-                "examples of a batch (BatchNorm in train mode). Call model.eval() for the probe, replace "
-                "BatchNorm by GroupNorm/LayerNorm, or disable this plugin."
-            )
+        sgdprobe.require_per_example(
+            config, self.name, "per-example Hessians", "replace BatchNorm by GroupNorm/LayerNorm"
+        )
         sgdprobe.require_sizes(config, self.name, batch_size=False)  # B may come from the training loop
         params = dict(config.model.named_parameters())
         num_params = sum(params[n].numel() for n in config.param_names)

@@ -92,13 +92,13 @@ class GradientCovariance:
     @sgdprobe.hookimpl
     def sgdprobe_configure(self, config: sgdprobe.ProbeConfig) -> None:
         mixed = config.examples_mixed_by
-        if mixed and (self.estimator == "per_example" or self.break_even):
-            what = "per-example gradients" if self.estimator == "per_example" else "the break-even condition"
-            raise sgdprobe.ConfigError(
-                f"gradient_covariance needs {what}, but {', '.join(mixed)} mix(es) the examples of a batch "
-                "(BatchNorm in train mode). Either measure in eval mode (model.eval() before attach, so "
-                "BatchNorm uses its running statistics), or use the mini-batch estimator: "
-                "plugins={'gradient_covariance': {'estimator': 'minibatch', 'break_even': False}}."
+        if self.estimator == "per_example" or self.break_even:
+            sgdprobe.require_per_example(
+                config,
+                self.name,
+                "per-example gradients" if self.estimator == "per_example" else "the break-even condition",
+                "use the mini-batch estimator: "
+                "plugins={'gradient_covariance': {'estimator': 'minibatch', 'break_even': False}}",
             )
         if self.break_even is None:
             self.break_even = not mixed

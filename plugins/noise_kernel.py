@@ -81,13 +81,7 @@ class NoiseKernel:
 
     @sgdprobe.hookimpl
     def sgdprobe_configure(self, config: sgdprobe.ProbeConfig) -> None:
-        mixed = config.examples_mixed_by
-        if mixed:
-            raise sgdprobe.ConfigError(
-                f"noise_kernel needs per-example Gauss–Newton traces, but {', '.join(mixed)} mix(es) the "
-                "examples of a batch (BatchNorm in train mode). Measure in eval mode (model.eval() before "
-                "attach, so BatchNorm uses its running statistics) or disable noise_kernel."
-            )
+        sgdprobe.require_per_example(config, self.name, "per-example Gauss–Newton traces")
         if self.estimator == "sampled" and not is_cross_entropy(config.loss_fn):
             warnings.warn(
                 "sgdprobe: noise_kernel estimator='sampled' needs loss_fn = cross-entropy (-log softmax); "

@@ -7,7 +7,7 @@ Public surface: :func:`attach`, :func:`measure`, :class:`Probe`, :class:`Snapsho
 building blocks in :mod:`sgdprobe.linalg`, and the errors.
 """
 
-from sgdprobe.config import ProbeConfig, require_sizes
+from sgdprobe.config import ProbeConfig, require_per_example, require_sizes
 from sgdprobe.errors import ConfigError, MeasurementError, ProbeWarning
 from sgdprobe.linalg import Eigenpairs, HessianVectorProduct, lanczos
 from sgdprobe.optim_info import OptimizerInfo, describe_optimizer, stability_threshold
@@ -34,6 +34,7 @@ __all__ = [
     "hookimpl",
     "lanczos",
     "measure",
+    "require_per_example",
     "require_sizes",
     "stability_threshold",
 ]

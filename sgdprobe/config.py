@@ -300,3 +300,18 @@ def require_sizes(config: ProbeConfig, plugin: str, *, batch_size: bool = True, 
             f"(they are read from a DataLoader passed as data). Pass "
             f"{', '.join(f'{m}=...' for m in missing)} to attach() or measure()."
         )
+
+
+def require_per_example(
+    config: ProbeConfig, plugin: str, what: str = "per-example gradients", alternative: str = "disable it"
+) -> None:
+    """Raise a :class:`ConfigError` naming the fix when the model's forward mixes the examples of a
+    batch (BatchNorm in train mode), so per-example quantities do not exist. For plugins'
+    ``sgdprobe_configure``; ``alternative`` is the plugin's own way out."""
+    mixed = config.examples_mixed_by
+    if mixed:
+        raise ConfigError(
+            f"{plugin} needs {what}, but {', '.join(mixed)} mix(es) the examples of a batch (BatchNorm in "
+            "train mode). Measure in eval mode (model.eval() before attach, so BatchNorm uses its running "
+            f"statistics), or {alternative}."
+        )
