@@ -387,10 +387,11 @@ class Snapshot:
             )
         raise ValueError(f"estimator must be 'exact' or 'sampled', got {estimator!r}")
 
-    def per_example_quadratic_forms(self, V: torch.Tensor) -> torch.Tensor:
+    def per_example_quadratic_forms(self, V: torch.Tensor, method: str = "auto") -> torch.Tensor:
         """(n, r, r) the matrices Vᵀ H_i V for a (P, r) matrix ``V`` of flat directions, H_i the Hessian
-        of example i's loss (not cached: it depends on ``V``)."""
-        return per_example.per_example_quadratic_forms(self, V)
+        of example i's loss (not cached: it depends on ``V``). ``method``: ``"auto"``, ``"batched"`` or
+        ``"vmap"``, see :func:`sgdprobe.linalg.per_example.per_example_quadratic_forms`."""
+        return per_example.per_example_quadratic_forms(self, V, method)
 
     def minibatch_gradients(self, batch_size: int, num_batches: int) -> torch.Tensor:
         """(L, P) gradients of :meth:`loss` on ``num_batches`` disjoint random mini-batches of

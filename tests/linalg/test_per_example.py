@@ -13,7 +13,7 @@ import sgdprobe
 from sgdprobe.config import build_config
 from sgdprobe.linalg import per_example
 from sgdprobe.snapshot import Snapshot
-from tests.helpers import SmallCNN, dense_hessian, mlp
+from tests.helpers import SmallCNN, dense_hessian, mlp, tiny_transformer
 
 
 def half_squared_error(out, y):
@@ -40,6 +40,9 @@ def problem(kind: str, n: int = 10):
             nn.CrossEntropyLoss(),
             (torch.randn(n, 6, dtype=torch.float64), torch.randint(0, 4, (n,))),
         )
+    if kind == "transformer":  # LayerNorm, attention, embedding
+        model = tiny_transformer().double()
+        return model, nn.CrossEntropyLoss(), (torch.randint(0, 11, (n, 5)), torch.randint(0, 3, (n,)))
     assert kind == "cnn_eval"
     model = SmallCNN().double()
     with torch.no_grad():  # non-trivial running statistics, used in eval mode
@@ -82,19 +85,55 @@ def per_example_hessians(kind: str, n: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- quadratic forms
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("hvp_method", ["reuse", "forward_over_reverse"])
-def test_quadratic_forms_match_dense_per_example_hessians(kind, hvp_method):
-    n = 6 if kind == "cnn_eval" else 10
+@pytest.mark.parametrize("kind", [*KINDS, "transformer"])
+@pytest.mark.parametrize("method", ["batched", "vmap"])
+def test_quadratic_forms_match_dense_per_example_hessians(kind, method):
+    n = 6 if kind in ("cnn_eval", "transformer") else 10
     model, loss_fn, batch = problem(kind, n)
-    snap = snapshot(model, loss_fn, batch, hvp_method=hvp_method, per_example_chunk=4)  # 2 or 3 chunks
+    snap = snapshot(model, loss_fn, batch, per_example_chunk=4)  # 2 or 3 chunks
     V = torch.randn(snap.num_params, 3, dtype=torch.float64)
-    Q = snap.per_example_quadratic_forms(V)
+    Q = snap.per_example_quadratic_forms(V, method=method)
     expected = V.T @ per_example_hessians(kind, n) @ V
     assert Q.shape == (n, 3, 3)
     assert rel(Q, expected) < 1e-10
-    q = snap.per_example_quadratic_forms(V[:, 0])  # r = 1 from a vector
+    q = snap.per_example_quadratic_forms(V[:, 0], method=method)  # r = 1 from a vector
     assert q.shape == (n, 1, 1) and rel(q[:, 0, 0], expected[:, 0, 0]) < 1e-10
+
+
+class MixesExamples(nn.Module):
+    """Centres its input over the batch: a forward that mixes examples without a BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        return self.net(x - 0.5 * x.mean(0, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "make", [MixesExamples, lambda: nn.Sequential(mlp(), nn.Dropout(0.5))], ids=["mixes", "dropout"]
+)
+def test_quadratic_forms_auto_falls_back_to_vmap(make):
+    """Where a batched forward is not the one-example forward (the model mixes examples, or dropout
+    draws one mask per example instead of one for all), "auto" must give the vmap values."""
+    torch.manual_seed(0)
+    model = make().double().train()
+    batch = (torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 3, dtype=torch.float64))
+    snap = snapshot(model, nn.MSELoss(), batch)
+    V = torch.randn(snap.num_params, 2, dtype=torch.float64)
+    expected = snap.per_example_quadratic_forms(V, method="vmap")
+    assert rel(snap.per_example_quadratic_forms(V), expected) < 1e-12
+    if make is MixesExamples:
+        with pytest.raises(sgdprobe.MeasurementError, match="differ from the one-example"):
+            snap.per_example_quadratic_forms(V, method="batched")
+
+
+def test_quadratic_forms_reject_unknown_method():
+    model, loss_fn, batch = problem("mlp_mse")
+    snap = snapshot(model, loss_fn, batch)
+    with pytest.raises(ValueError, match="method must be"):
+        snap.per_example_quadratic_forms(torch.randn(snap.num_params, 1, dtype=torch.float64), method="x")
 
 
 def test_quadratic_forms_average_to_the_probe_hessian():
