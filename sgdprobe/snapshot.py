@@ -354,15 +354,14 @@ class Snapshot:
         return self.cached("per_example_sq_norms", make)
 
     def per_example_gram(self) -> torch.Tensor:
-        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients, in float64 (cached). In float64
-        measurements by the ghost identity where the model allows; otherwise from the stored gradients
-        when they fit in ``per_example_max_memory`` bytes (or were computed already), else block by block
-        with at most two chunks of gradients in memory."""
+        """(n, n) Gram matrix ⟨g_i, g_j⟩ of the per-example gradients, in float64 (cached). By the ghost
+        identity where the model allows (its products in float64 from the layer inputs and output
+        gradients); otherwise from the stored gradients when they fit in ``per_example_max_memory``
+        bytes (or were computed already), else block by block with at most two chunks of gradients in
+        memory."""
 
         def make():
-            if self.dtype == torch.float64 and "per_example_gradients" not in self._cache:
-                # The ghost identity in the measurement dtype: in float32 its Gram would sit at float32
-                # rounding (the small eigenvalues the conditioning needs), so only for float64.
+            if "per_example_gradients" not in self._cache:
                 stats = per_example.ghost_statistics(self, gram=True)
                 if stats is not None:
                     return stats.gram

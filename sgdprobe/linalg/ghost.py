@@ -141,6 +141,7 @@ def ghost_sq_norms_and_gram(
     gram: bool = False,
     method: Method = "auto",
     max_elements: int = 2**24,
+    dtype: torch.dtype | None = None,
 ) -> PerExampleStats:
     """Per-example gradient squared norms (and Gram matrix if ``gram``) w.r.t. the parameters ``names``.
 
@@ -156,6 +157,9 @@ def ghost_sq_norms_and_gram(
     :param method: ``"auto"`` picks per layer the cheaper of the ghost identity and materialized layer
         gradients (by flop count); ``"ghost"``/``"materialize"`` force one (for tests and benchmarks).
     :param max_elements: largest intermediate (per chunk) in elements; the work is chunked over examples.
+    :param dtype: the dtype of the statistics (default: the losses'). ``torch.float64`` on a float32
+        model casts the captured layer inputs and output gradients up before any product, so a Gram
+        matrix carries only their rounding, not that of float32 sums.
     :raises GhostUnsupported: see :func:`check_supported`; also when a selected parameter is used
         outside its module's forward, a layer sees a batch of another size than the loss, or a layer
         input is modified in place after the layer ran. Nothing is left registered on the model.
@@ -201,12 +205,13 @@ def ghost_sq_norms_and_gram(
         for h in handles:
             h.remove()
     n = losses.shape[0]
-    dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
+    if dtype is None:
+        dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
     sq = torch.zeros(n, dtype=dtype, device=losses.device)
     G = torch.zeros(n, n, dtype=dtype, device=losses.device) if gram else None
     for layer in by_module.values():
         layer.check(n)
-        for part_sq, part_gram in _layer_stats(layer, n, gram, method, max_elements):
+        for part_sq, part_gram in _layer_stats(layer, n, gram, method, max_elements, dtype):
             sq += part_sq.to(dtype)
             if G is not None:
                 G += part_gram.to(dtype)
@@ -302,10 +307,15 @@ class _UsageGuard(TorchFunctionMode):
 # ----------------------------------------------------------------------------------- per-layer maths
 
 
-def _layer_stats(layer: _Layer, n: int, gram: bool, method: Method, budget: int):
-    """Yield ``(sq (n,), gram (n, n) or None)`` contributions of one module's selected parameters."""
+def _layer_stats(layer: _Layer, n: int, gram: bool, method: Method, budget: int, dtype: torch.dtype):
+    """Yield ``(sq (n,), gram (n, n) or None)`` contributions of one module's selected parameters,
+    computed in ``dtype`` (floating inputs and output gradients cast first)."""
     m, attrs = layer.module, set(layer.attrs)
-    pairs = [(a, b) for (a, _), b in zip(layer.inputs, layer.grads) if b is not None]
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    pairs = [(cast(a), cast(b)) for (a, _), b in zip(layer.inputs, layer.grads) if b is not None]
     if not pairs:
         return
     if isinstance(m, _NORM):

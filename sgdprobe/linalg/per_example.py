@@ -176,39 +176,64 @@ def ghost_statistics(snapshot, gram: bool = False):
     a batched forward cannot reproduce).
 
     Squared norms are computed chunk by chunk over the examples (same limits and out-of-memory halving
-    as the vmap path); the Gram matrix needs every example in one batch, so it is ``None`` when the
-    probe set is larger than one chunk.
+    as the vmap path), in the measurement dtype; the Gram matrix in float64 from the captured layer
+    quantities (so it carries no float32 summation error), in one batch of every example, so it is
+    ``None`` when the probe set is larger than one chunk.
     """
-    from sgdprobe.linalg.ghost import GhostUnsupported, ghost_sq_norms_and_gram, per_example_losses
+    from sgdprobe.linalg.ghost import per_example_losses
 
     _check_per_example(snapshot)
-    if _dropout_active(snapshot.model):
-        return None
     n, P = snapshot.num_examples, _num_params(snapshot)
     if gram and chunk_size(snapshot, 6 * P) < n:
         return None
+
+    def losses(out, y):
+        return per_example_losses(snapshot.loss_fn, out, y)
+
+    return _ghost_chunks(snapshot, losses, gram=gram, dtype=torch.float64 if gram else None)
+
+
+def _ghost_one(snapshot, start: int, stop: int, per_example_loss, *, gram: bool = False, dtype=None):
+    """:func:`ghost_sq_norms_and_gram` on examples start..stop−1 with ``per_example_loss(outputs,
+    targets) -> (b,)``; raises :class:`GhostUnsupported` where the ghost path does not apply."""
+    from sgdprobe.linalg.ghost import GhostUnsupported, ghost_sq_norms_and_gram
+
+    if _dropout_active(snapshot.model):
+        raise GhostUnsupported("dropout is active (a batched forward draws one mask per example)")
     frozen = {k: p.detach() for k, p in snapshot.model.named_parameters() if k not in snapshot.params}
+    tensors = {**frozen, **_params(snapshot), **{k: t.clone() for k, t in snapshot.buffers.items()}}
     itemsize = torch.empty((), dtype=snapshot.dtype).element_size()
+    inputs, targets = _chunk(snapshot, start, stop)
+    with snapshot.isolated():
+        return ghost_sq_norms_and_gram(
+            snapshot.model,
+            tensors,
+            snapshot._prepare_inputs(inputs),
+            targets,
+            per_example_loss,
+            names=list(snapshot.params),
+            gram=gram,
+            max_elements=max(snapshot.config.per_example_max_memory // itemsize, 1),
+            dtype=dtype,
+        )
 
-    def one(a, b):
-        tensors = {**frozen, **_params(snapshot), **{k: t.clone() for k, t in snapshot.buffers.items()}}
-        inputs, targets = _chunk(snapshot, a, b)
-        with snapshot.isolated():
-            return ghost_sq_norms_and_gram(
-                snapshot.model,
-                tensors,
-                snapshot._prepare_inputs(inputs),
-                targets,
-                lambda out, y: per_example_losses(snapshot.loss_fn, out, y),
-                names=list(snapshot.params),
-                gram=gram,
-                max_elements=max(snapshot.config.per_example_max_memory // itemsize, 1),
-            )
 
+def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None):
+    """:func:`_ghost_one` over the chunks of :func:`run_chunked` (the Gram: all examples in one), or
+    ``None`` where the ghost path does not apply."""
+    from sgdprobe.linalg.ghost import GhostUnsupported
+
+    n = snapshot.num_examples
     try:
         if gram:
-            return one(0, n)
-        parts = run_chunked(snapshot, n, 2 * P, one, "per-example squared norms (ghost)")
+            return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
+        parts = run_chunked(
+            snapshot,
+            n,
+            2 * _num_params(snapshot),
+            lambda a, b: _ghost_one(snapshot, a, b, per_example_loss, dtype=dtype),
+            "per-example squared norms (ghost)",
+        )
     except GhostUnsupported:
         return None
     return parts[0]._replace(sq_norms=torch.cat([p.sq_norms for p in parts]))
@@ -266,11 +291,16 @@ def gauss_newton_trace_exact(snapshot) -> torch.Tensor:
     """(n,) exact tr(G_i) = tr(J_iᵀ H_{z,i} J_i), G_i the Gauss–Newton matrix of ℓ_i (MATH.md §0, §2.4).
 
     H_{z,i} = ∇²_z loss_fn(z_i, y_i) (C×C, C = outputs per example, by ``torch.func.hessian``) is factored
-    H_z = L Lᵀ (eigh, negative rounding clipped), and tr(G_i) = Σ_c ||J_iᵀ L[:, c]||² by one
-    vector-Jacobian product per column (C per example). G's constants follow ``loss_fn`` on one example:
-    ``MSELoss()`` gives H_z = (2/C) I, ½||z − y||² gives I.
+    H_z = L Lᵀ (eigh, negative rounding clipped), and tr(G_i) = Σ_c ||J_iᵀ L[:, c]||²: for models the
+    ghost identity covers, C batched passes of per-example squared norms of ∇_θ⟨z_i, L_i[:, c]⟩
+    (:mod:`sgdprobe.linalg.ghost`); otherwise one vector-Jacobian product per column and example.
+    G's constants follow ``loss_fn`` on one example: ``MSELoss()`` gives H_z = (2/C) I, ½||z − y||²
+    gives I.
     """
     _check_per_example(snapshot)
+    ghost = _gauss_newton_trace_ghost(snapshot)
+    if ghost is not None:
+        return ghost
     params = _params(snapshot)
     names = list(params)
     loss_fn = snapshot.loss_fn
@@ -299,6 +329,49 @@ def gauss_newton_trace_exact(snapshot) -> torch.Tensor:
     return torch.cat(run_chunked(snapshot, snapshot.num_examples, width, chunk, "Gauss–Newton trace"))
 
 
+def _output_hessian_factors(snapshot, z: torch.Tensor, targets: Any) -> torch.Tensor:
+    """(b, m, m) factors L_i with L_i L_iᵀ = ∇²_z loss_fn(z_i, y_i) on one example (PSD part)."""
+    loss_fn = snapshot.loss_fn
+    m = z[0].numel()
+
+    def factor(z_i, y_i):
+        h = hessian(lambda zz: loss_fn(zz, _unsqueeze(y_i)))(z_i.unsqueeze(0)).reshape(m, m)
+        w, U = torch.linalg.eigh(h)
+        return U * w.clamp(min=0).sqrt()
+
+    return vmap(factor)(z.detach(), targets)
+
+
+def _gauss_newton_trace_ghost(snapshot) -> torch.Tensor | None:
+    """Exact tr(G_i) by the ghost identity (``None`` where it does not apply): per chunk, one batched
+    forward for the outputs z and the factors L_i of H_{z,i}, then for each column c the per-example
+    squared gradient norms of ⟨z_i, L_i[:, c]⟩ (L constant), summed over c."""
+    from sgdprobe.linalg.ghost import GhostUnsupported
+
+    def chunk(a, b):
+        inputs, targets = _chunk(snapshot, a, b)
+        with torch.no_grad():
+            z = snapshot.forward(None, inputs)
+        if not isinstance(z, torch.Tensor):
+            raise GhostUnsupported("the model returns more than one tensor")
+        L = _output_hessian_factors(snapshot, z, targets)
+        total = torch.zeros(b - a, dtype=snapshot.dtype, device=snapshot.device)
+        for c in range(L.shape[2]):
+            w = L[:, :, c]
+            total += _ghost_one(
+                snapshot, a, b, lambda out, y, w=w: (out.reshape(w.shape[0], -1) * w).sum(1)
+            ).sq_norms
+        return total
+
+    try:
+        parts = run_chunked(
+            snapshot, snapshot.num_examples, 2 * _num_params(snapshot), chunk, "Gauss–Newton trace (ghost)"
+        )
+    except GhostUnsupported:
+        return None
+    return torch.cat(parts)
+
+
 def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = None) -> torch.Tensor:
     """(n,) unbiased estimates of tr(G_i) by sampled labels (Bartlett; MATH.md §2.6): ŷ_i ~ softmax(z_i),
     ĝ_i = ∇_θ ℓ(z_i, ŷ_i), E||ĝ_i||² = tr(G_i); the mean of ``samples`` independent draws per example.
@@ -314,7 +387,6 @@ def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = No
         raise ValueError(f"samples must be >= 1, got {samples}")
     generator = torch.Generator().manual_seed(int(snapshot.seed if seed is None else seed) % (2**63))
     params = _params(snapshot)
-    names = list(params)
 
     def chunk(a, b):
         inputs, _ = _chunk(snapshot, a, b)
@@ -332,10 +404,7 @@ def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = No
         total = torch.zeros(b - a, dtype=snapshot.dtype, device=snapshot.device)
         for s in range(samples):
             y_hat = labels[:, s]
-            with snapshot.isolated():
-                g, values = vmap(
-                    grad_and_value(snapshot.example_loss), in_dims=(None, 0, 0), randomness="same"
-                )(params, inputs, y_hat)
+            sq_norms, values = _sampled_sq_norms(snapshot, a, b, inputs, y_hat, z)
             nll = -logp.gather(1, y_hat[:, None])[:, 0]
             # rounding of a float32 log-softmax grows with the logits: tolerate it, not a wrong constant
             tol = 1e-3 * nll.abs() + 100 * torch.finfo(z.dtype).eps * (1 + z[:, 0].abs().amax(-1).double())
@@ -347,11 +416,29 @@ def gauss_newton_trace_sampled(snapshot, samples: int = 1, seed: int | None = No
                     f"loss_fn differs (by up to {float(diff.max()):.3g}). "
                     "Use estimator='exact'."
                 )
-            total += _rows(g, names).square().sum(1)
+            total += sq_norms
         return total / samples
 
     P = _num_params(snapshot)
     return torch.cat(run_chunked(snapshot, snapshot.num_examples, 2 * P, chunk, "sampled Gauss–Newton trace"))
+
+
+def _sampled_sq_norms(snapshot, a: int, b: int, inputs: Any, y_hat: torch.Tensor, z: torch.Tensor):
+    """(||∇_θ ℓ(z_i, ŷ_i)||², ℓ(z_i, ŷ_i)) for examples a..b−1 with labels ``y_hat``: by the ghost identity
+    where it applies (the losses from the outputs ``z`` already computed), else by ``vmap(grad)``."""
+    from sgdprobe.linalg.ghost import GhostUnsupported, per_example_losses
+
+    try:
+        stats = _ghost_one(snapshot, a, b, lambda out, _: per_example_losses(snapshot.loss_fn, out, y_hat))
+        return stats.sq_norms, per_example_losses(snapshot.loss_fn, z[:, 0], y_hat)
+    except GhostUnsupported:
+        pass
+    params = _params(snapshot)
+    with snapshot.isolated():
+        g, values = vmap(grad_and_value(snapshot.example_loss), in_dims=(None, 0, 0), randomness="same")(
+            params, inputs, y_hat
+        )
+    return _rows(g, list(params)).square().sum(1), values
 
 
 def _outputs_per_example(snapshot) -> int:
