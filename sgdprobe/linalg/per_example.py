@@ -330,16 +330,28 @@ def gauss_newton_trace_exact(snapshot) -> torch.Tensor:
 
 
 def _output_hessian_factors(snapshot, z: torch.Tensor, targets: Any) -> torch.Tensor:
-    """(b, m, m) factors L_i with L_i L_iᵀ = ∇²_z loss_fn(z_i, y_i) on one example (PSD part)."""
-    loss_fn = snapshot.loss_fn
-    m = z[0].numel()
+    """(b, m, m) factors L_i with L_i L_iᵀ = ∇²_z loss_fn(z_i, y_i) on one example (its PSD part).
 
-    def factor(z_i, y_i):
-        h = hessian(lambda zz: loss_fn(zz, _unsqueeze(y_i)))(z_i.unsqueeze(0)).reshape(m, m)
-        w, U = torch.linalg.eigh(h)
-        return U * w.clamp(min=0).sqrt()
+    By plain autograd on the batch (ℓ_i depends on z_i alone, so row c of every H_{z,i} is the gradient
+    of Σ_i ∂ℓ_i/∂z_{i,c}): m small backwards. ``torch.func.hessian`` gives the same values but its first
+    call in a process costs ~0.3 s of set-up, paid by the first measurement."""
+    from sgdprobe.linalg.ghost import per_example_losses
 
-    return vmap(factor)(z.detach(), targets)
+    b, m = z.shape[0], z[0].numel()
+    zz = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        losses = per_example_losses(snapshot.loss_fn, zz, targets)
+        (g,) = torch.autograd.grad(losses.sum(), zz, create_graph=True)
+        g = g.reshape(b, m)
+        rows = [
+            torch.autograd.grad(g[:, c].sum(), zz, retain_graph=True, materialize_grads=True)[0].reshape(b, m)
+            if g.requires_grad
+            else torch.zeros_like(g)
+            for c in range(m)
+        ]
+    h = torch.stack(rows, 1).detach()
+    w, U = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
+    return U * w.clamp(min=0).sqrt().unsqueeze(1)
 
 
 def _gauss_newton_trace_ghost(snapshot) -> torch.Tensor | None:
