@@ -59,6 +59,7 @@ class Probe:
         self._measuring = False
         self._observed_batch_size: int | None = None
         self._pre_step_params: dict[str, torch.Tensor] | None = None
+        self._due: bool | None = None  # the pre-step hook's decision for the step under way
         self._last_time: float | None = None
         self._closed = False
         self.pm.hook.sgdprobe_configure(config=config)
@@ -91,7 +92,10 @@ class Probe:
             self._observed_batch_size = int(first.shape[0])
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
-        if self.schedule.due(self.step + 1):
+        # With a pre-step hook the decision is taken here, once, so that a measured step always has
+        # its update (the time budget could change its answer during the step).
+        self._due = self.schedule.due(self.step + 1)
+        if self._due:
             names = dict(self.config.model.named_parameters())
             self._pre_step_params = {n: names[n].detach().clone() for n in self.config.param_names}
 
@@ -101,7 +105,8 @@ class Probe:
             self.schedule.train_seconds += now - self._last_time
         self.step += 1
         try:
-            if self.schedule.due(self.step):
+            due, self._due = (self.schedule.due(self.step) if self._due is None else self._due), None
+            if due:
                 self.measure_now()
         except Exception as exc:  # never let the probe stop a training step
             if self.raise_errors:
@@ -143,12 +148,10 @@ class Probe:
             self._event("skip", "probe", f"measurement skipped at step {self.step}: {reason}")
         finally:
             self._measuring = False
-        seconds = time.perf_counter() - start
-        self.schedule.measure_seconds += seconds
-        self.schedule.measurements += 1
         if scalars:
-            scalars["probe/seconds"] = seconds
+            scalars["probe/seconds"] = time.perf_counter() - start
             self._log(scalars)
+        self.schedule.record(time.perf_counter() - start)  # the sinks' time counts against the budget
         return scalars
 
     def _run_plugins(self, snapshot: Snapshot) -> dict[str, float]:

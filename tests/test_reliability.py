@@ -323,6 +323,37 @@ def test_update_is_provided_when_a_plugin_requires_it():
     torch.testing.assert_close(updates[-1], after - before)
 
 
+def test_update_is_provided_at_every_auto_measurement(monkeypatch):
+    """With the time budget the decision is taken before the step, so every measured step has its
+    update (checking again after the step, with that step's time added, could say yes without one)."""
+    import sgdprobe.probe as probe_module
+
+    clock = iter(range(10**6))  # every reading of the clock advances it by 1 s
+    monkeypatch.setattr(probe_module.time, "perf_counter", lambda: float(next(clock)))
+    model, loss_fn, batch = mlp(), nn.MSELoss(), _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    updates = []
+
+    class NeedsUpdate:
+        name = "needs_update"
+
+        @sgdprobe.hookimpl
+        def sgdprobe_requirements(self):
+            return ["update"]
+
+        @sgdprobe.hookimpl
+        def sgdprobe_measure(self, snapshot):
+            updates.append(snapshot.update)
+
+    with sgdprobe.attach(
+        opt, model, loss_fn, batch, logdir=False, every="auto", overhead=0.5, plugins=[NeedsUpdate()]
+    ) as probe:
+        for _ in range(60):
+            _step(model, opt, loss_fn, batch)
+    assert len(updates) == probe.schedule.measurements >= 3
+    assert all(u is not None for u in updates)
+
+
 # --- 6. broken installed plugins are reported and skipped ---------------------------------------------------
 def _install(tmp_path, monkeypatch, name, source):
     site = tmp_path / f"site_{name}"
