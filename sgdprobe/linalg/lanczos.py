@@ -59,9 +59,13 @@ def lanczos(
     :param v0: start vector (e.g. the previous measurement's top eigenvector); random if ``None``.
     :param seed: seeds a private generator for random start/restart vectors (no global RNG is used).
 
-    Full re-orthogonalization by two classical Gram–Schmidt passes keeps the basis orthogonal to
-    working precision; a breakdown (invariant subspace found) restarts with a random vector orthogonal
-    to the basis, so multiplicities beyond the first copy can still be found.
+    Each step applies the three-term recurrence and then re-orthogonalizes against the whole basis by
+    classical Gram–Schmidt, with a second pass only when the first removed more than 1/√2 of the norm
+    (the Daniel–Gragg–Kaufman–Stewart test: "twice is enough"), which keeps the basis orthogonal to
+    working precision at one pass over the basis per step in the usual case. A breakdown (invariant
+    subspace found) restarts with a random vector orthogonal to the basis, so multiplicities beyond the
+    first copy can still be found. The basis grows in blocks that are never copied, and the vector
+    updates are in place: on a CPU, fresh multi-GB buffers cost more in page faults than the arithmetic.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -74,29 +78,26 @@ def lanczos(
     def random_vector() -> torch.Tensor:
         return torch.randn(dim, generator=generator, device=device, dtype=dtype)
 
-    basis = torch.empty(min(max_iter, 2 * k + 16), dim, device=device, dtype=dtype)
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
+    basis = _Basis(dim, max_iter, first_block=2 * k + 16, device=device, dtype=dtype)
+    alphas: list[float] = []
+    betas: list[float] = []
     v = random_vector() if v0 is None else v0.detach().reshape(-1).to(device=device, dtype=dtype).clone()
-    v = v / v.norm()
+    v = basis.append(v / v.norm())
     result = None
     for j in range(max_iter):
-        if j == basis.shape[0]:
-            grown = torch.empty(min(2 * j, max_iter), dim, device=device, dtype=dtype)
-            grown[:j] = basis
-            basis = grown
-        basis[j] = v
         w = matvec(v).reshape(-1).to(dtype)
+        if w.data_ptr() == v.data_ptr():  # a matvec that returned its input: the updates below are in place
+            w = w.clone()
         alpha = torch.dot(w, v)
-        alphas.append(alpha)
-        active = basis[: j + 1]
-        for _ in range(2):  # CGS2: "twice is enough"
-            w = w - active.T @ (active @ w)
-        beta = w.norm()
+        w.addcmul_(v, alpha.neg())  # in place: no fresh dim-sized buffer
+        if j > 0 and betas[-1] != 0.0:
+            w.sub_(basis.row(j - 1), alpha=betas[-1])
+        basis.orthogonalize(w)
+        alphas.append(float(alpha))
+        beta_val = float(w.norm())
         T = _tridiagonal(alphas, betas)
         theta, S = torch.linalg.eigh(T)
         order = torch.argsort(theta, descending=True)[:k]
-        beta_val = float(beta)
         residuals = beta_val * S[-1, order].abs()
         scale = float(theta.abs().max()) or 1.0  # largest |Ritz value| of all: an estimate of ||A||
         result = (theta[order], S[:, order], residuals, j + 1, scale)
@@ -107,17 +108,16 @@ def lanczos(
         done = len(order) == k and bool((residuals <= tol * scale).all()) and not breakdown
         if done or j + 1 == max_iter:
             break
-        if breakdown:  # restart orthogonally to the basis
+        if breakdown:  # restart orthogonally to the basis (the zero β decouples T's blocks)
             w = random_vector()
-            for _ in range(2):
-                w = w - active.T @ (active @ w)
-            betas.append(torch.zeros((), dtype=torch.float64))
-            v = w / w.norm()
+            basis.orthogonalize(w, passes=2)
+            betas.append(0.0)
+            v = basis.append(w / w.norm())
         else:
-            betas.append(beta.detach().to("cpu", torch.float64))
-            v = w / beta
+            betas.append(beta_val)
+            v = basis.append(w.div_(beta_val))
     theta, S, residuals, m, scale = result
-    vectors = basis[:m].T @ S.to(device=device, dtype=dtype)
+    vectors = basis.combine(S.to(device=device, dtype=dtype))
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
     # The same scale as the stopping test above (all Ritz values, not only the k returned), so a run
     # that stopped because it met the tolerance is never reported as unconverged.
@@ -125,10 +125,71 @@ def lanczos(
     return Eigenpairs(theta.clone(), vectors, residuals.clone(), converged, m)
 
 
-def _tridiagonal(alphas: list[torch.Tensor], betas: list[torch.Tensor]) -> torch.Tensor:
-    a = torch.stack([x.detach().to("cpu", torch.float64) for x in alphas])
-    T = torch.diag(a)
+class _Basis:
+    """The Lanczos vectors as rows of blocks that are allocated as needed and never copied."""
+
+    def __init__(self, dim: int, capacity: int, first_block: int, device, dtype):
+        self.dim, self.capacity, self.device, self.dtype = dim, capacity, device, dtype
+        self.blocks: list[torch.Tensor] = []
+        self.size = 0
+        self._next_block = min(first_block, capacity)
+
+    def append(self, vector: torch.Tensor) -> torch.Tensor:
+        """Store ``vector`` as the next row; returns the stored row (a view)."""
+        allocated = sum(b.shape[0] for b in self.blocks)
+        if self.size == allocated:
+            rows = min(self._next_block, self.capacity - allocated)
+            self.blocks.append(torch.empty(rows, self.dim, device=self.device, dtype=self.dtype))
+            self._next_block = allocated + rows  # the next block doubles the total
+        row = self.row(self.size)
+        row.copy_(vector)
+        self.size += 1
+        return row
+
+    def row(self, i: int) -> torch.Tensor:
+        for block in self.blocks:
+            if i < block.shape[0]:
+                return block[i]
+            i -= block.shape[0]
+        raise IndexError(i)
+
+    def _filled(self) -> list[torch.Tensor]:
+        out, left = [], self.size
+        for block in self.blocks:
+            if left <= 0:
+                break
+            out.append(block[: min(left, block.shape[0])])
+            left -= block.shape[0]
+        return out
+
+    def orthogonalize(self, w: torch.Tensor, passes: int | None = None) -> None:
+        """w ← (I − V Vᵀ) w in place by classical Gram–Schmidt; a second pass when the first removed
+        more than 1/√2 of ‖w‖ (or always, with ``passes=2``)."""
+        filled = self._filled()
+        for p in range(passes or 2):
+            before = float(w.norm()) if passes is None and p == 0 else None
+            coefficients = [block @ w for block in filled]
+            for block, c in zip(filled, coefficients):
+                w.addmv_(block.T, c, alpha=-1)
+            if before is not None and float(w.norm()) >= before / 2**0.5:
+                break
+
+    def combine(self, S: torch.Tensor) -> torch.Tensor:
+        """V S for the (size × k) matrix ``S``: the Ritz vectors as columns (dim × k, each column
+        contiguous in memory)."""
+        out, offset = None, 0
+        for block in self._filled():
+            n = block.shape[0]
+            coefficients = S[offset : offset + n].T
+            # (k × dim), reading each block row by row; one output buffer for all blocks
+            out = coefficients @ block if out is None else out.addmm_(coefficients, block)
+            offset += n
+        return out.T
+
+
+def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if betas:
-        b = torch.stack(betas[: len(alphas) - 1])
+        b = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
         T = T + torch.diag(b, 1) + torch.diag(b, -1)
     return T
