@@ -142,6 +142,7 @@ def ghost_sq_norms_and_gram(
     method: Method = "auto",
     max_elements: int = 2**24,
     dtype: torch.dtype | None = None,
+    footprint: list[int] | None = None,
 ) -> PerExampleStats:
     """Per-example gradient squared norms (and Gram matrix if ``gram``) w.r.t. the parameters ``names``.
 
@@ -160,6 +161,9 @@ def ghost_sq_norms_and_gram(
     :param dtype: the dtype of the statistics (default: the losses'). ``torch.float64`` on a float32
         model casts the captured layer inputs and output gradients up before any product, so a Gram
         matrix carries only their rounding, not that of float32 sums.
+    :param footprint: if a list, the bytes per example the computation held are appended to it (every
+        layer's captured input and output gradient, plus the largest layer's sequence form, im2col for
+        a convolution, in ``dtype``): what a caller sizes a batch of examples by.
     :raises GhostUnsupported: see :func:`check_supported`; also when a selected parameter is used
         outside its module's forward, a layer sees a batch of another size than the loss, or a layer
         input is modified in place after the layer ran. Nothing is left registered on the model.
@@ -168,6 +172,7 @@ def ghost_sq_norms_and_gram(
     those of one batched forward.
     """
     names = [n for n, _ in model.named_parameters()] if names is None else list(names)
+    footprint = [] if footprint is None else footprint
     owners = check_supported(model, names)
     tensors = {k: v.detach() for k, v in tensors.items()}
     by_module: dict[int, _Layer] = {}
@@ -209,12 +214,17 @@ def ghost_sq_norms_and_gram(
         dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
     sq = torch.zeros(n, dtype=dtype, device=losses.device)
     G = torch.zeros(n, n, dtype=dtype, device=losses.device) if gram else None
+    held, largest = 0, 0
     for layer in by_module.values():
         layer.check(n)
+        held += sum(a.numel() * a.element_size() for a, _ in layer.inputs if isinstance(a, Tensor))
+        held += sum(b.numel() * b.element_size() for b in layer.grads if b is not None)
         for part_sq, part_gram in _layer_stats(layer, n, gram, method, max_elements, dtype):
             sq += part_sq.to(dtype)
             if G is not None:
                 G += part_gram.to(dtype)
+        largest = max(largest, layer.sequence_elements * torch.empty((), dtype=dtype).element_size())
+    footprint.append(-(-(held + largest) // max(n, 1)))
     return PerExampleStats(sq, G)
 
 
@@ -228,6 +238,7 @@ class _Layer:
     attrs: list[str] = field(default_factory=list)
     inputs: list[tuple[Tensor, int]] = field(default_factory=list)  # (a, version at capture)
     grads: list[Tensor | None] = field(default_factory=list)
+    sequence_elements: int = 0  # set by _layer_stats: elements of its (A, B) sequence form
 
     def check(self, n: int) -> None:
         for a, version in self.inputs:
@@ -330,6 +341,7 @@ def _layer_stats(layer: _Layer, n: int, gram: bool, method: Method, budget: int,
         return
     A_parts, B_parts = zip(*(_as_sequences(m, a, b, n) for a, b in pairs))
     A, B = _cat(A_parts), _cat(B_parts)
+    layer.sequence_elements = A.numel() + B.numel()
     if "weight" in attrs:
         yield _linear_stats(A, B, gram, method, budget)
     if "bias" in attrs:

@@ -177,15 +177,14 @@ def ghost_statistics(snapshot, gram: bool = False):
 
     Squared norms are computed chunk by chunk over the examples (same limits and out-of-memory halving
     as the vmap path), in the measurement dtype; the Gram matrix in float64 from the captured layer
-    quantities (so it carries no float32 summation error), in one batch of every example, so it is
-    ``None`` when the probe set is larger than one chunk.
+    quantities (so it carries no float32 summation error), in one batch of every example. That batch is
+    sized by a trial on a few examples (the bytes per example of the captured layer inputs and output
+    gradients plus the largest layer's im2col form): ``None`` when the whole probe set would exceed
+    ``per_example_max_memory`` or runs out of memory.
     """
     from sgdprobe.linalg.ghost import per_example_losses
 
     _check_per_example(snapshot)
-    n, P = snapshot.num_examples, _num_params(snapshot)
-    if gram and chunk_size(snapshot, 6 * P) < n:
-        return None
 
     def losses(out, y):
         return per_example_losses(snapshot.loss_fn, out, y)
@@ -193,7 +192,9 @@ def ghost_statistics(snapshot, gram: bool = False):
     return _ghost_chunks(snapshot, losses, gram=gram, dtype=torch.float64 if gram else None)
 
 
-def _ghost_one(snapshot, start: int, stop: int, per_example_loss, *, gram: bool = False, dtype=None):
+def _ghost_one(
+    snapshot, start: int, stop: int, per_example_loss, *, gram: bool = False, dtype=None, footprint=None
+):
     """:func:`ghost_sq_norms_and_gram` on examples start..stop−1 with ``per_example_loss(outputs,
     targets) -> (b,)``; raises :class:`GhostUnsupported` where the ghost path does not apply."""
     from sgdprobe.linalg.ghost import GhostUnsupported, ghost_sq_norms_and_gram
@@ -215,7 +216,11 @@ def _ghost_one(snapshot, start: int, stop: int, per_example_loss, *, gram: bool 
             gram=gram,
             max_elements=max(snapshot.config.per_example_max_memory // itemsize, 1),
             dtype=dtype,
+            footprint=footprint,
         )
+
+
+_GRAM_TRIAL = 8  # examples of the trial run that sizes a one-batch ghost Gram
 
 
 def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None):
@@ -226,7 +231,18 @@ def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None)
     n = snapshot.num_examples
     try:
         if gram:
-            return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
+            footprint: list[int] = []
+            _ghost_one(snapshot, 0, min(n, _GRAM_TRIAL), per_example_loss, dtype=dtype, footprint=footprint)
+            needed = n * (footprint[0] + 8 * n)  # + the (n, n) float64 Gram
+            if needed > snapshot.config.per_example_max_memory:
+                return None
+            try:
+                return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                _free_memory(snapshot.device)
+                return None
         parts = run_chunked(
             snapshot,
             n,

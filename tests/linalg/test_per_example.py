@@ -378,6 +378,11 @@ def test_peak_memory_does_not_grow_with_the_number_of_examples(monkeypatch):
         return out
 
     monkeypatch.setattr(per_example, "_grads_chunk", counting)
+    # the Gram's fallback is what is measured here (this model's ghost Gram would fit; see below)
+    ghost = per_example.ghost_statistics
+    monkeypatch.setattr(
+        per_example, "ghost_statistics", lambda snap, gram=False: None if gram else ghost(snap)
+    )
 
     def peak(what, n):
         batch = torch.randn(n, 200), torch.randn(n, 10)
@@ -394,3 +399,21 @@ def test_peak_memory_does_not_grow_with_the_number_of_examples(monkeypatch):
     # the instrument sees a stored (n, P) tensor
     stored = snapshot(model, nn.MSELoss(), (torch.randn(64, 200), torch.randn(64, 10)))
     assert profiled_peak(stored.per_example_gradients) > all_grads
+
+
+def test_ghost_gram_in_one_batch_when_its_trial_footprint_fits(monkeypatch):
+    """The one-batch ghost Gram is sized by a trial on a few examples (captured layer quantities per
+    example), not by the parameter count: it runs where it fits in ``per_example_max_memory`` and falls
+    back to the vmap blocks where it does not, with the same matrix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10)).double()  # P = 42210
+    batch = torch.randn(160, 200, dtype=torch.float64), torch.randn(160, 10, dtype=torch.float64)
+    G = explicit_grads(model, nn.MSELoss(), batch)
+    vmap_chunks = []
+    real = per_example._grads_chunk
+    monkeypatch.setattr(per_example, "_grads_chunk", lambda *a, **k: vmap_chunks.append(1) or real(*a, **k))
+    # 160 examples × (≈ 8 KB of layer quantities + a 1.3 KB Gram row): ≈ 1.5 MB, far below 160·P·8 = 54 MB
+    fits = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=4 * 2**20)
+    assert rel(fits.per_example_gram(), G @ G.T) < 1e-12 and not vmap_chunks
+    tight = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=2**20)
+    assert rel(tight.per_example_gram(), G @ G.T) < 1e-12 and vmap_chunks
