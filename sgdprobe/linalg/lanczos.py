@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.linalg
 import torch
 
 
@@ -95,11 +97,11 @@ def lanczos(
         basis.orthogonalize(w)
         alphas.append(float(alpha))
         beta_val = float(w.norm())
-        T = _tridiagonal(alphas, betas)
-        theta, S = torch.linalg.eigh(T)
-        order = torch.argsort(theta, descending=True)[:k]
-        residuals = beta_val * S[-1, order].abs()
-        scale = float(theta.abs().max()) or 1.0  # largest |Ritz value| of all: an estimate of ||A||
+        # The tridiagonal matrix is tiny (m × m, m ≤ max_iter): LAPACK on numpy arrays, no torch ops.
+        theta, S = scipy.linalg.eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
+        order = np.argsort(theta)[::-1][:k]
+        residuals = beta_val * np.abs(S[-1, order])
+        scale = float(np.abs(theta).max()) or 1.0  # largest |Ritz value| of all: an estimate of ||A||
         result = (theta[order], S[:, order], residuals, j + 1, scale)
         breakdown = beta_val <= 1e-10 * scale
         # After a breakdown the Krylov space is invariant: its Ritz pairs are exact, but a second copy
@@ -117,12 +119,13 @@ def lanczos(
             betas.append(beta_val)
             v = basis.append(w.div_(beta_val))
     theta, S, residuals, m, scale = result
-    vectors = basis.combine(S.to(device=device, dtype=dtype))
+    theta, residuals = torch.from_numpy(theta.copy()), torch.from_numpy(residuals.copy())
+    vectors = basis.combine(torch.from_numpy(S.copy()).to(device=device, dtype=dtype))
     vectors = vectors / vectors.norm(dim=0, keepdim=True)
     # The same scale as the stopping test above (all Ritz values, not only the k returned), so a run
     # that stopped because it met the tolerance is never reported as unconverged.
     converged = len(theta) == k and bool((residuals <= tol * scale).all())
-    return Eigenpairs(theta.clone(), vectors, residuals.clone(), converged, m)
+    return Eigenpairs(theta, vectors, residuals, converged, m)
 
 
 class _Basis:
@@ -185,11 +188,3 @@ class _Basis:
             out = coefficients @ block if out is None else out.addmm_(coefficients, block)
             offset += n
         return out.T
-
-
-def _tridiagonal(alphas: list[float], betas: list[float]) -> torch.Tensor:
-    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        b = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
-        T = T + torch.diag(b, 1) + torch.diag(b, -1)
-    return T
