@@ -231,11 +231,11 @@ def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None)
     n = snapshot.num_examples
     try:
         if gram:
-            footprint: list[int] = []
-            _ghost_one(snapshot, 0, min(n, _GRAM_TRIAL), per_example_loss, dtype=dtype, footprint=footprint)
-            needed = n * (footprint[0] + 8 * n)  # + the (n, n) float64 Gram
-            if needed > snapshot.config.per_example_max_memory:
-                return None
+            if n > _GRAM_TRIAL:  # (a probe set this small is its own trial)
+                footprint: list[int] = []
+                _ghost_one(snapshot, 0, _GRAM_TRIAL, per_example_loss, dtype=dtype, footprint=footprint)
+                if n * (footprint[0] + 8 * n) > snapshot.config.per_example_max_memory:  # + the Gram
+                    return None
             try:
                 return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
             except Exception as exc:
