@@ -54,7 +54,8 @@ def lanczos(
 ) -> Eigenpairs:
     """Top-``k`` (algebraically largest) eigenpairs of the symmetric operator ``matvec``.
 
-    :param matvec: v ↦ A v on flat vectors of length ``dim``.
+    :param matvec: v ↦ A v on flat vectors of length ``dim``. Its result is updated in place, so it
+        must not be a tensor the operator keeps (returning ``v`` itself or a view is handled).
     :param tol: stop when every wanted Ritz residual is ≤ ``tol``·|θ_1| (θ_1 the largest-magnitude
         Ritz value, an estimate of ||A||).
     :param max_iter: at most this many matvecs (capped at ``dim``).
@@ -88,8 +89,8 @@ def lanczos(
     result = None
     for j in range(max_iter):
         w = matvec(v).reshape(-1).to(dtype)
-        if w.data_ptr() == v.data_ptr():  # a matvec that returned its input: the updates below are in place
-            w = w.clone()
+        if w.data_ptr() == v.data_ptr() or not w.is_contiguous():  # the updates below are in place
+            w = w.clone(memory_format=torch.contiguous_format)
         alpha = torch.dot(w, v)
         w.addcmul_(v, alpha.neg())  # in place: no fresh dim-sized buffer
         if j > 0 and betas[-1] != 0.0:

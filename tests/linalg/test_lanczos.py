@@ -110,3 +110,18 @@ def test_gram_schmidt_takes_a_second_pass_when_the_first_cancels():
     w = Q @ torch.randn(20, generator=g, dtype=torch.float64) + 1e-9 * noise
     basis.orthogonalize(w)
     assert float((Q.T @ w).abs().max() / w.norm()) < 1e-13
+
+
+@pytest.mark.parametrize(
+    "matvec, top",
+    [
+        (lambda v: v, 1.0),  # returns its input
+        (lambda v: torch.stack([3 * v, v], 1)[:, 0], 3.0),  # a strided view
+        (lambda v: v.sum().expand(v.shape[0]), 30.0),  # 1 1ᵀ as a broadcast (stride-0) tensor
+    ],
+)
+def test_operators_returning_views_or_strided_results(matvec, top):
+    """The engine updates each product in place: an operator that returns its input, a strided view or
+    a broadcast tensor must give the answer of a fresh contiguous product."""
+    result = lanczos(matvec, 30, 1, tol=1e-10, max_iter=30, dtype=torch.float64)
+    assert result.eigenvalues[0].item() == pytest.approx(top, rel=1e-10)
