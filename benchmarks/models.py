@@ -9,9 +9,10 @@
 - ``convnet``: a small CNN without normalization layers (Conv2d/ReLU/pooling/Linear only), for the
   per-example benchmark where BackPACK needs layers it supports.
 
-Every model's ``loss_fn(model(x), y)`` is a mean cross-entropy (over every token for ``gpt``, whose
-logits are ``(batch, tokens, vocab)``; :func:`flat_logits` gives peers that want 2-d outputs a view
-with flattened logits and targets, same parameters).
+Every model's ``loss_fn(model(x), y)`` is a mean cross-entropy: ``F.cross_entropy`` itself for 2-d
+logits, :func:`cross_entropy` (over every token) for ``gpt``, whose logits are ``(batch, tokens,
+vocab)``; :func:`flat_logits` gives peers that want 2-d outputs a view with flattened logits and
+targets, same parameters.
 """
 
 from __future__ import annotations
@@ -232,8 +233,10 @@ def make_case(name: str, size: dict, device: torch.device | str = "cpu", seed: i
     else:
         raise ValueError(f"unknown model {name!r}")
     model = model.to(device).eval()
-    case = Case(name, model, x.to(device), y.to(device), desc)
-    return case
+    # 2-d logits take F.cross_entropy itself, as a user would write it; the GPT's (batch, tokens, vocab)
+    # logits need the token-flattening wrapper
+    loss_fn = cross_entropy if name == "gpt" else F.cross_entropy
+    return Case(name, model, x.to(device), y.to(device), desc, loss_fn=loss_fn)
 
 
 # Sizes per mode. "full" is the issue's sizes (ResNet-18 on 256×3×32×32, 6-layer GPT d=512 on 32×128

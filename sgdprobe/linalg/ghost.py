@@ -79,13 +79,48 @@ def per_example_losses(loss_fn: Callable[[Any, Any], Tensor], outputs: Any, targ
     """``[loss_fn(out_i[None], y_i[None]) for i]`` as one ``(n,)`` tensor, by ``torch.func.vmap``.
 
     Each example is a batch of one, so every constant of the user's loss is kept (mean vs. sum, MSE's
-    mean over outputs), as in :meth:`sgdprobe.snapshot.Snapshot.example_loss`.
+    mean over outputs), as in :meth:`sgdprobe.snapshot.Snapshot.example_loss`. The common losses
+    (:func:`_unreduced`) are computed unreduced instead, with the same values and without vmap's
+    per-call cost (~0.5 ms, a fifth of a ghost pass on a small MLP).
     """
+    unreduced = _unreduced(loss_fn, outputs, targets)
+    if unreduced is not None:
+        return unreduced
 
     def one(out, y):
         return loss_fn(_tree_map(lambda t: t.unsqueeze(0), out), _tree_map(lambda t: t.unsqueeze(0), y))
 
     return torch.func.vmap(one)(outputs, targets)
+
+
+def _unreduced(loss_fn: Callable[[Any, Any], Tensor], out: Any, y: Any) -> Tensor | None:
+    """Per-example losses of ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` (class weights unset) on
+    ``(n, C)`` outputs, and of ``F.mse_loss`` / ``nn.MSELoss``, by ``reduction="none"``: for a batch of
+    one, "mean" and "sum" of cross-entropy are the example's loss, and MSE's are the mean and sum over the
+    example's outputs. ``None`` for anything else, including a target equal to ``ignore_index`` (a batch
+    of one made only of ignored targets has a mean of 0/0, which the general path reproduces)."""
+    if not (isinstance(out, Tensor) and isinstance(y, Tensor)) or out.dim() < 1 or out.shape[0] != y.shape[0]:
+        return None
+    module = loss_fn if isinstance(loss_fn, nn.modules.loss._Loss) else None
+    if module is not None and type(module) not in (nn.CrossEntropyLoss, nn.MSELoss):
+        return None
+    if module is not None and module.reduction not in ("mean", "sum"):
+        return None
+    reduction = "mean" if module is None else module.reduction
+    if loss_fn is F.cross_entropy or type(module) is nn.CrossEntropyLoss:
+        if out.dim() != 2 or (module is not None and module.weight is not None):
+            return None
+        ignore_index = -100 if module is None else module.ignore_index
+        if not y.is_floating_point() and bool((y == ignore_index).any()):
+            return None
+        smoothing = 0.0 if module is None else module.label_smoothing
+        return F.cross_entropy(out, y, reduction="none", label_smoothing=smoothing)
+    if loss_fn is F.mse_loss or type(module) is nn.MSELoss:
+        if out.shape != y.shape:
+            return None
+        per_element = F.mse_loss(out, y, reduction="none").reshape(out.shape[0], -1)
+        return per_element.mean(1) if reduction == "mean" else per_element.sum(1)
+    return None
 
 
 def check_supported(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[str, nn.Module, str]]:

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from sgdprobe.linalg.ghost import (
     GhostUnsupported,
+    _unreduced,
     choose_materialize,
     ghost_sq_norms_and_gram,
     per_example_losses,
@@ -197,11 +199,38 @@ def test_dropout_masks_of_one_batched_forward():
     torch.testing.assert_close(sq, J.square().sum(1), rtol=RTOL, atol=0.0)
 
 
-def test_per_example_losses():
-    out, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 3, (5,))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    expected = torch.stack([loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(5)])
-    torch.testing.assert_close(per_example_losses(loss_fn, out, y), expected, rtol=1e-14, atol=0.0)
+def _batch_of_one_losses(loss_fn, out, y):
+    return torch.stack([loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])])
+
+
+HARD = torch.tensor([0, 2, 1, 2, 0])
+SOFT = torch.softmax(torch.randn(5, 3, dtype=torch.float64), 1)
+
+
+@pytest.mark.parametrize(
+    "loss_fn, y, unreduced",
+    [
+        (F.cross_entropy, HARD, True),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), HARD, True),
+        (nn.CrossEntropyLoss(reduction="sum"), HARD, True),
+        (nn.CrossEntropyLoss(), SOFT, True),  # probabilities as targets
+        (nn.MSELoss(), SOFT, True),
+        (nn.MSELoss(reduction="sum"), SOFT, True),
+        (F.mse_loss, SOFT, True),
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), HARD, False),
+        (nn.CrossEntropyLoss(ignore_index=2), HARD, False),  # ignored targets: the general path
+        (lambda out, y: F.cross_entropy(out, y) * 2.0, HARD, False),  # unknown callables: vmap
+        (nn.L1Loss(), SOFT, False),
+    ],
+)
+def test_per_example_losses(loss_fn, y, unreduced):
+    """Every loss gives each example's loss as a batch of one; the common ones are computed unreduced
+    (no vmap), the rest by vmap."""
+    out = torch.randn(5, 3, dtype=torch.float64)
+    expected = _batch_of_one_losses(loss_fn, out, y)
+    losses = per_example_losses(loss_fn, out, y)
+    torch.testing.assert_close(losses, expected, rtol=1e-14, atol=0.0, equal_nan=True)
+    assert (_unreduced(loss_fn, out, y) is not None) == unreduced
 
 
 class BareParameter(nn.Module):
