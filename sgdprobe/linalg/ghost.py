@@ -97,8 +97,9 @@ def _unreduced(loss_fn: Callable[[Any, Any], Tensor], out: Any, y: Any) -> Tenso
     """Per-example losses of ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` (class weights unset) on
     ``(n, C)`` outputs, and of ``F.mse_loss`` / ``nn.MSELoss``, by ``reduction="none"``: for a batch of
     one, "mean" and "sum" of cross-entropy are the example's loss, and MSE's are the mean and sum over the
-    example's outputs. ``None`` for anything else, including a target equal to ``ignore_index`` (a batch
-    of one made only of ignored targets has a mean of 0/0, which the general path reproduces)."""
+    example's outputs. An ignored target (``ignore_index``) gives NaN under "mean" (a batch of one made
+    only of it has a mean of 0/0) and 0 under "sum", as the user's loss would. ``None`` for anything
+    else: the caller then uses vmap over batches of one."""
     if not (isinstance(out, Tensor) and isinstance(y, Tensor)) or out.dim() < 1 or out.shape[0] != y.shape[0]:
         return None
     module = loss_fn if isinstance(loss_fn, nn.modules.loss._Loss) else None
@@ -111,10 +112,13 @@ def _unreduced(loss_fn: Callable[[Any, Any], Tensor], out: Any, y: Any) -> Tenso
         if out.dim() != 2 or (module is not None and module.weight is not None):
             return None
         ignore_index = -100 if module is None else module.ignore_index
-        if not y.is_floating_point() and bool((y == ignore_index).any()):
-            return None
         smoothing = 0.0 if module is None else module.label_smoothing
-        return F.cross_entropy(out, y, reduction="none", label_smoothing=smoothing)
+        losses = F.cross_entropy(
+            out, y, reduction="none", ignore_index=ignore_index, label_smoothing=smoothing
+        )
+        if reduction == "mean" and not y.is_floating_point():  # an ignored target: the mean of nothing
+            losses = torch.where(y == ignore_index, torch.full_like(losses, float("nan")), losses)
+        return losses
     if loss_fn is F.mse_loss or type(module) is nn.MSELoss:
         if out.shape != y.shape:
             return None
@@ -249,16 +253,20 @@ def ghost_sq_norms_and_gram(
         dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
     sq = torch.zeros(n, dtype=dtype, device=losses.device)
     G = torch.zeros(n, n, dtype=dtype, device=losses.device) if gram else None
-    held, largest = 0, 0
+    held, largest, itemsize = 0, 0, torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(t: Tensor) -> int:  # floating layer quantities are cast to ``dtype`` before products
+        return t.numel() * (max(t.element_size(), itemsize) if t.is_floating_point() else t.element_size())
+
     for layer in by_module.values():
         layer.check(n)
-        held += sum(a.numel() * a.element_size() for a, _ in layer.inputs if isinstance(a, Tensor))
-        held += sum(b.numel() * b.element_size() for b in layer.grads if b is not None)
+        held += sum(nbytes(a) for a, _ in layer.inputs if isinstance(a, Tensor))
+        held += sum(nbytes(b) for b in layer.grads if b is not None)
         for part_sq, part_gram in _layer_stats(layer, n, gram, method, max_elements, dtype):
             sq += part_sq.to(dtype)
             if G is not None:
                 G += part_gram.to(dtype)
-        largest = max(largest, layer.sequence_elements * torch.empty((), dtype=dtype).element_size())
+        largest = max(largest, layer.sequence_elements * itemsize)
     footprint.append(-(-(held + largest) // max(n, 1)))
     return PerExampleStats(sq, G)
 

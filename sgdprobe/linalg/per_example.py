@@ -26,6 +26,7 @@ function here raises :class:`MeasurementError` for them (plugins refuse them at 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,7 +54,10 @@ __all__ = [
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory error (CUDA, MPS or host allocator)."""
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    message = str(exc).lower()
+    return isinstance(exc, oom) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+    )
 
 
 def chunk_size(snapshot, width: int) -> int:
@@ -196,7 +200,9 @@ def _ghost_one(
     snapshot, start: int, stop: int, per_example_loss, *, gram: bool = False, dtype=None, footprint=None
 ):
     """:func:`ghost_sq_norms_and_gram` on examples start..stop−1 with ``per_example_loss(outputs,
-    targets) -> (b,)``; raises :class:`GhostUnsupported` where the ghost path does not apply."""
+    targets) -> (b,)``; raises :class:`GhostUnsupported` where the ghost path does not apply. With a
+    ``footprint`` list, appends the bytes per example the call held: the ghost module's own count plus
+    what autograd saved for the backward (activations), parameters and buffers excepted."""
     from sgdprobe.linalg.ghost import GhostUnsupported, ghost_sq_norms_and_gram
 
     if _dropout_active(snapshot.model):
@@ -205,8 +211,9 @@ def _ghost_one(
     tensors = {**frozen, **_params(snapshot), **{k: t.clone() for k, t in snapshot.buffers.items()}}
     itemsize = torch.empty((), dtype=snapshot.dtype).element_size()
     inputs, targets = _chunk(snapshot, start, stop)
-    with snapshot.isolated():
-        return ghost_sq_norms_and_gram(
+    saved = _SavedBytes({t.untyped_storage().data_ptr() for t in tensors.values()})
+    with snapshot.isolated(), (saved if footprint is not None else contextlib.nullcontext()):
+        stats = ghost_sq_norms_and_gram(
             snapshot.model,
             tensors,
             snapshot._prepare_inputs(inputs),
@@ -218,9 +225,33 @@ def _ghost_one(
             dtype=dtype,
             footprint=footprint,
         )
+    if footprint is not None:
+        footprint[-1] += -(-saved.bytes // max(stop - start, 1))
+    return stats
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves for the backward while active (each storage once, the
+    ``excluded`` storages, parameters and buffers, not at all)."""
+
+    def __init__(self, excluded: set[int]):
+        self.bytes = 0
+        seen = set(excluded)
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+            return t
+
+        super().__init__(pack, lambda t: t)
 
 
 _GRAM_TRIAL = 8  # examples of the trial run that sizes a one-batch ghost Gram
+# The trial's count misses transient buffers (attention scores, softmax): measured peaks were 0.94–1.26×
+# the estimate on MLPs, a CNN and a transformer (tests/linalg/test_per_example.py), hence a margin.
+_GRAM_MARGIN = 1.5
 
 
 def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None):
@@ -231,18 +262,7 @@ def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None)
     n = snapshot.num_examples
     try:
         if gram:
-            if n > _GRAM_TRIAL:  # (a probe set this small is its own trial)
-                footprint: list[int] = []
-                _ghost_one(snapshot, 0, _GRAM_TRIAL, per_example_loss, dtype=dtype, footprint=footprint)
-                if n * (footprint[0] + 8 * n) > snapshot.config.per_example_max_memory:  # + the Gram
-                    return None
-            try:
-                return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
-            except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                _free_memory(snapshot.device)
-                return None
+            return _ghost_gram(snapshot, per_example_loss, dtype)
         parts = run_chunked(
             snapshot,
             n,
@@ -253,6 +273,32 @@ def _ghost_chunks(snapshot, per_example_loss, *, gram: bool = False, dtype=None)
     except GhostUnsupported:
         return None
     return parts[0]._replace(sq_norms=torch.cat([p.sq_norms for p in parts]))
+
+
+def _ghost_gram(snapshot, per_example_loss, dtype):
+    """The ghost statistics with the Gram, in one batch of every example, or ``None`` (the caller then
+    uses the vmap blocks) where that batch would not fit: more examples than ``per_example_chunk``
+    (the user's cap, or one an earlier out-of-memory error set), or more than
+    ``per_example_max_memory`` bytes by a trial on a few examples (activations saved by autograd,
+    captured layer quantities in the statistics' dtype, the largest im2col form, the Gram's row). An
+    out-of-memory error halves ``per_example_chunk`` for later measurements, as :func:`run_chunked`
+    does."""
+    config, n = snapshot.config, snapshot.num_examples
+    if config.per_example_chunk is not None and config.per_example_chunk < n:
+        return None
+    try:
+        if n > _GRAM_TRIAL:  # (a probe set this small is its own trial)
+            footprint: list[int] = []
+            _ghost_one(snapshot, 0, _GRAM_TRIAL, per_example_loss, dtype=dtype, footprint=footprint)
+            if _GRAM_MARGIN * n * (footprint[0] + 8 * n) > config.per_example_max_memory:
+                return None
+        return _ghost_one(snapshot, 0, n, per_example_loss, gram=True, dtype=dtype)
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
+        _free_memory(snapshot.device)
+        config.per_example_chunk = max(1, n // 2)
+        return None
 
 
 def _products(left: torch.Tensor, right: torch.Tensor, rows: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ from torch.profiler import ProfilerActivity, profile
 import sgdprobe
 from sgdprobe.config import build_config
 from sgdprobe.linalg import per_example
+from sgdprobe.linalg.ghost import per_example_losses
 from sgdprobe.snapshot import Snapshot
-from tests.helpers import SmallCNN, dense_hessian, mlp, tiny_transformer
+from tests.helpers import SmallCNN, TinyTransformer, dense_hessian, mlp, tiny_transformer
 
 
 def half_squared_error(out, y):
@@ -402,18 +403,72 @@ def test_peak_memory_does_not_grow_with_the_number_of_examples(monkeypatch):
 
 
 def test_ghost_gram_in_one_batch_when_its_trial_footprint_fits(monkeypatch):
-    """The one-batch ghost Gram is sized by a trial on a few examples (captured layer quantities per
-    example), not by the parameter count: it runs where it fits in ``per_example_max_memory`` and falls
-    back to the vmap blocks where it does not, with the same matrix."""
+    """The one-batch ghost Gram is sized by a trial on a few examples (what it holds per example), not
+    by the parameter count: it runs where it fits in ``per_example_max_memory`` and falls back to the
+    vmap blocks where it does not, with the same matrix."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 10)).double()  # P = 42210
-    batch = torch.randn(160, 200, dtype=torch.float64), torch.randn(160, 10, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(8, 512), nn.Tanh(), nn.Linear(512, 3)).double()  # wide, P = 6147
+    batch = torch.randn(160, 8, dtype=torch.float64), torch.randn(160, 3, dtype=torch.float64)
     G = explicit_grads(model, nn.MSELoss(), batch)
+    probe = snapshot(model, nn.MSELoss(), batch)
+    footprint, trial = [], per_example._GRAM_TRIAL
+    losses = functools.partial(per_example_losses, probe.loss_fn)
+    per_example._ghost_one(probe, 0, trial, losses, dtype=torch.float64, footprint=footprint)
+    needed = per_example._GRAM_MARGIN * 160 * (footprint[0] + 8 * 160)
+    assert needed < 160 * G.shape[1] * 8  # far below the 6·P-per-example rule this replaced
     vmap_chunks = []
     real = per_example._grads_chunk
     monkeypatch.setattr(per_example, "_grads_chunk", lambda *a, **k: vmap_chunks.append(1) or real(*a, **k))
-    # 160 examples × (≈ 8 KB of layer quantities + a 1.3 KB Gram row): ≈ 1.5 MB, far below 160·P·8 = 54 MB
-    fits = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=4 * 2**20)
+    fits = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=int(2 * needed))
     assert rel(fits.per_example_gram(), G @ G.T) < 1e-12 and not vmap_chunks
-    tight = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=2**20)
+    tight = snapshot(model, nn.MSELoss(), batch, per_example_max_memory=int(0.5 * needed))
     assert rel(tight.per_example_gram(), G @ G.T) < 1e-12 and vmap_chunks
+
+
+def test_ghost_gram_trial_bounds_the_measured_peak():
+    """The trial's estimate (with its margin) must bound the peak memory of the one-batch Gram: with
+    attention, most of it is what autograd saves (scores, softmax), not the layer quantities (the
+    estimate without them was 5.7× too small here)."""
+    torch.manual_seed(0)
+    model = TinyTransformer(d=16, heads=8)
+    n, tokens = 32, 64
+    batch = torch.randint(0, 11, (n, tokens)), torch.randint(0, 3, (n,))
+    snap = snapshot(model, nn.CrossEntropyLoss(), batch)
+
+    def losses(out, y):
+        return per_example_losses(snap.loss_fn, out, y)
+
+    footprint = []
+    per_example._ghost_one(snap, 0, per_example._GRAM_TRIAL, losses, dtype=torch.float64, footprint=footprint)
+    estimate = per_example._GRAM_MARGIN * n * (footprint[0] + 8 * n)
+    peak = profiled_peak(lambda: per_example._ghost_one(snap, 0, n, losses, gram=True, dtype=torch.float64))
+    assert peak <= estimate <= 3 * peak, (peak, estimate)
+
+
+def test_ghost_gram_respects_the_chunk_cap_and_remembers_out_of_memory(monkeypatch):
+    model, loss_fn, batch = problem("mlp_ce", n=32)
+    G = explicit_grads(model, loss_fn, batch)
+    full_batches = []
+    real = per_example._ghost_one
+
+    def spy(snap, start, stop, *args, **kw):
+        if stop - start > per_example._GRAM_TRIAL:
+            full_batches.append(stop - start)
+        return real(snap, start, stop, *args, **kw)
+
+    monkeypatch.setattr(per_example, "_ghost_one", spy)
+    capped = snapshot(model, loss_fn, batch, per_example_chunk=4)
+    assert rel(capped.per_example_gram(), G @ G.T) < 1e-12 and not full_batches
+
+    def out_of_memory(snap, start, stop, *args, **kw):
+        if stop - start > per_example._GRAM_TRIAL:
+            full_batches.append(stop - start)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(snap, start, stop, *args, **kw)
+
+    monkeypatch.setattr(per_example, "_ghost_one", out_of_memory)
+    first = snapshot(model, loss_fn, batch)
+    assert rel(first.per_example_gram(), G @ G.T) < 1e-12  # the vmap blocks
+    assert full_batches == [32] and first.config.per_example_chunk == 16
+    again = Snapshot(first.config, step=1)  # a later measurement of the same probe
+    assert rel(again.per_example_gram(), G @ G.T) < 1e-12 and full_batches == [32]
