@@ -12,9 +12,11 @@ class Schedule:
     - ``every="auto"`` (default): a time budget. Measure at the first step (so that a misconfigured
       plugin fails at once, and the curves start at the start), then whenever the time spent measuring
       so far *plus the expected cost of one more measurement* (the last one's) is at most ``overhead``
-      (default 5 %) of the training time seen so far. After the first measurement the budget therefore
-      holds at every step, not only on average: the probe's time is at most ``overhead`` × training
-      time + the first measurement. Cheap models get frequent measurements, expensive ones rare ones.
+      (default 5 %) of the training time seen so far. While measurements cost about the same, the
+      budget therefore holds at every step, not only on average: the probe's time stays within
+      ``overhead`` × training time + the first measurement (a measurement dearer than the one before
+      it can overshoot by the difference). Cheap models get frequent measurements, expensive ones rare
+      ones.
       The measured steps depend on timing, so two runs may measure at different steps (training itself
       is unaffected); use an integer for reproducible steps.
     """

@@ -88,8 +88,11 @@ def lanczos(
     v = basis.append(v / v.norm())
     result = None
     for j in range(max_iter):
-        w = matvec(v).reshape(-1).to(dtype)
-        if w.data_ptr() == v.data_ptr() or not w.is_contiguous():  # the updates below are in place
+        w = matvec(v).detach().reshape(-1).to(dtype)
+        # The updates below are in place: copy a product that aliases v, is a strided or broadcast
+        # view, or is an inference tensor (not writable outside inference mode).
+        inference = w.is_inference() and not torch.is_inference_mode_enabled()
+        if inference or w.data_ptr() == v.data_ptr() or not w.is_contiguous():
             w = w.clone(memory_format=torch.contiguous_format)
         alpha = torch.dot(w, v)
         w.addcmul_(v, alpha.neg())  # in place: no fresh dim-sized buffer
@@ -179,8 +182,7 @@ class _Basis:
                 break
 
     def combine(self, S: torch.Tensor) -> torch.Tensor:
-        """V S for the (size × k) matrix ``S``: the Ritz vectors as columns (dim × k, each column
-        contiguous in memory)."""
+        """V S for the (size × k) matrix ``S``: the Ritz vectors as the columns of a (dim × k) tensor."""
         out, offset = None, 0
         for block in self._filled():
             n = block.shape[0]
@@ -188,4 +190,4 @@ class _Basis:
             # (k × dim), reading each block row by row; one output buffer for all blocks
             out = coefficients @ block if out is None else out.addmm_(coefficients, block)
             offset += n
-        return out.T
+        return out.T.contiguous()  # (dim, k) row-major, as callers may ``view`` it

@@ -218,7 +218,8 @@ SOFT = torch.softmax(torch.randn(5, 3, dtype=torch.float64), 1)
         (nn.MSELoss(reduction="sum"), SOFT, True),
         (F.mse_loss, SOFT, True),
         (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)), HARD, False),
-        (nn.CrossEntropyLoss(ignore_index=2), HARD, False),  # ignored targets: the general path
+        (nn.CrossEntropyLoss(ignore_index=2), HARD, True),  # ignored targets: NaN, as a batch of one
+        (nn.CrossEntropyLoss(ignore_index=2, reduction="sum"), HARD, True),  # ... or 0
         (lambda out, y: F.cross_entropy(out, y) * 2.0, HARD, False),  # unknown callables: vmap
         (nn.L1Loss(), SOFT, False),
     ],

@@ -125,3 +125,20 @@ def test_operators_returning_views_or_strided_results(matvec, top):
     a broadcast tensor must give the answer of a fresh contiguous product."""
     result = lanczos(matvec, 30, 1, tol=1e-10, max_iter=30, dtype=torch.float64)
     assert result.eigenvalues[0].item() == pytest.approx(top, rel=1e-10)
+
+
+def test_operator_returning_inference_tensors_or_graphs():
+    """Products made under ``torch.inference_mode`` (not writable outside it) or carrying a graph are
+    taken as values; the eigenvectors come back as a detached, row-major (dim, k) tensor."""
+    A = rotated(np.array([3.0, 2.0, 1.0, 0.5, 0.1]))
+
+    def under_inference(v):
+        with torch.inference_mode():
+            return A @ v
+
+    weight = torch.ones((), dtype=torch.float64, requires_grad=True)
+    for matvec in (under_inference, lambda v: weight * (A @ v)):
+        result = lanczos(matvec, 5, 2, tol=1e-12, max_iter=5, dtype=torch.float64)
+        np.testing.assert_allclose(result.eigenvalues.numpy(), [3.0, 2.0], rtol=1e-10)
+        assert not result.eigenvectors.requires_grad and result.eigenvectors.is_contiguous()
+        assert result.eigenvectors.view(-1).shape == (10,)
