@@ -7,12 +7,15 @@ a run that hits ``max_iter`` is returned with ``converged=False`` and its residu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
+
+from sgdprobe.errors import MeasurementError
 
 
 @dataclass
@@ -67,7 +70,9 @@ def lanczos(
     (the Daniel–Gragg–Kaufman–Stewart test: "twice is enough"), which keeps the basis orthogonal to
     working precision at one pass over the basis per step in the usual case. A breakdown (invariant
     subspace found) restarts with a random vector orthogonal to the basis, so multiplicities beyond the
-    first copy can still be found. The basis grows in blocks that are never copied, and the vector
+    first copy can still be found (a breakdown is β ≤ max(1e-10, 100 ε)·|θ_1|, ε of ``dtype``: in float32
+    on large operators rounding can exceed that, and an exactly repeated eigenvalue's hidden copies can
+    then be missed; float64 resolves them). The basis grows in blocks that are never copied, and the vector
     updates are in place: on a CPU, fresh multi-GB buffers cost more in page faults than the arithmetic.
     """
     if k < 1:
@@ -82,6 +87,9 @@ def lanczos(
         return torch.randn(dim, generator=generator, device=device, dtype=dtype)
 
     basis = _Basis(dim, max_iter, first_block=2 * k + 16, device=device, dtype=dtype)
+    # β at the level of the products' rounding means the Krylov space is (numerically) invariant;
+    # 1e-10 alone would never be reached in float32, and a hidden copy of an eigenvalue would be missed.
+    breakdown_tol = max(1e-10, 100 * torch.finfo(dtype).eps)
     alphas: list[float] = []
     betas: list[float] = []
     v = random_vector() if v0 is None else v0.detach().reshape(-1).to(device=device, dtype=dtype).clone()
@@ -101,13 +109,18 @@ def lanczos(
         basis.orthogonalize(w)
         alphas.append(float(alpha))
         beta_val = float(w.norm())
+        if not (math.isfinite(alphas[-1]) and math.isfinite(beta_val)):
+            raise MeasurementError(
+                f"the operator returned non-finite values at Lanczos step {j + 1} (an overflowing or NaN "
+                "Hessian-vector product: check the loss and the parameters at this step)"
+            )
         # The tridiagonal matrix is tiny (m × m, m ≤ max_iter): LAPACK on numpy arrays, no torch ops.
         theta, S = scipy.linalg.eigh_tridiagonal(np.array(alphas), np.array(betas[: len(alphas) - 1]))
         order = np.argsort(theta)[::-1][:k]
         residuals = beta_val * np.abs(S[-1, order])
         scale = float(np.abs(theta).max()) or 1.0  # largest |Ritz value| of all: an estimate of ||A||
         result = (theta[order], S[:, order], residuals, j + 1, scale)
-        breakdown = beta_val <= 1e-10 * scale
+        breakdown = beta_val <= breakdown_tol * scale
         # After a breakdown the Krylov space is invariant: its Ritz pairs are exact, but a second copy
         # of an eigenvalue (or a part of the spectrum the start vector missed) would be invisible, so
         # the run restarts instead of stopping there.

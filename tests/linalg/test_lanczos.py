@@ -142,3 +142,25 @@ def test_operator_returning_inference_tensors_or_graphs():
         np.testing.assert_allclose(result.eigenvalues.numpy(), [3.0, 2.0], rtol=1e-10)
         assert not result.eigenvectors.requires_grad and result.eigenvectors.is_contiguous()
         assert result.eigenvectors.view(-1).shape == (10,)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_breakdown_is_recognized(seed):
+    """A spectrum {5, 5, 5, 3, 3, 0, …}: the Krylov space of one start vector holds one copy of each
+    eigenvalue. In float32 β after it is rounding (~1e-6·||A||), never ≤ 1e-10·||A||: unrecognized, the
+    run stopped with [5, 5, 3, 3, 0] marked converged."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
+    eigenvalues = torch.cat([torch.tensor([5.0, 5.0, 5.0, 3.0, 3.0]), torch.zeros(395)]).double()
+    A = ((Q * eigenvalues) @ Q.T).float()
+    result = lanczos(lambda v: A @ v, 400, 5, tol=1e-4, max_iter=60, dtype=torch.float32, seed=seed)
+    np.testing.assert_allclose(result.eigenvalues.numpy(), [5, 5, 5, 3, 3], rtol=1e-4)
+
+
+def test_non_finite_products_raise_a_measurement_error():
+    """A NaN or overflowing product is a failed measurement (reported and skipped by the probe), not a
+    LAPACK error from the tridiagonal solver."""
+    from sgdprobe import MeasurementError
+
+    with pytest.raises(MeasurementError, match="non-finite"):
+        lanczos(lambda v: v * float("nan"), 10, 1, dtype=torch.float64)
