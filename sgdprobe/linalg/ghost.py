@@ -81,7 +81,7 @@ def per_example_losses(loss_fn: Callable[[Any, Any], Tensor], outputs: Any, targ
     Each example is a batch of one, so every constant of the user's loss is kept (mean vs. sum, MSE's
     mean over outputs), as in :meth:`sgdprobe.snapshot.Snapshot.example_loss`. The common losses
     (:func:`_unreduced`) are computed unreduced instead, with the same values and without vmap's
-    per-call cost (~0.5 ms, a fifth of a ghost pass on a small MLP).
+    per-call cost (BENCHMARKS.md §3).
     """
     unreduced = _unreduced(loss_fn, outputs, targets)
     if unreduced is not None:

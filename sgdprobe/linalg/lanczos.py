@@ -106,9 +106,8 @@ def lanczos(
         w.addcmul_(v, alpha.neg())  # in place: no fresh dim-sized buffer
         if j > 0 and betas[-1] != 0.0:
             w.sub_(basis.row(j - 1), alpha=betas[-1])
-        basis.orthogonalize(w)
+        beta_val = basis.orthogonalize(w)
         alphas.append(float(alpha))
-        beta_val = float(w.norm())
         if not (math.isfinite(alphas[-1]) and math.isfinite(beta_val)):
             raise MeasurementError(
                 f"the operator returned non-finite values at Lanczos step {j + 1} (an overflowing or NaN "
@@ -129,7 +128,7 @@ def lanczos(
             break
         if breakdown:  # restart orthogonally to the basis (the zero β decouples T's blocks)
             w = random_vector()
-            basis.orthogonalize(w, passes=2)
+            basis.orthogonalize(w, always_twice=True)
             betas.append(0.0)
             v = basis.append(w / w.norm())
         else:
@@ -182,17 +181,21 @@ class _Basis:
             left -= block.shape[0]
         return out
 
-    def orthogonalize(self, w: torch.Tensor, passes: int | None = None) -> None:
-        """w ← (I − V Vᵀ) w in place by classical Gram–Schmidt; a second pass when the first removed
-        more than 1/√2 of ‖w‖ (or always, with ``passes=2``)."""
+    def orthogonalize(self, w: torch.Tensor, always_twice: bool = False) -> float:
+        """w ← (I − V Vᵀ) w in place by classical Gram–Schmidt, with a second pass when the first
+        removed more than 1/√2 of ‖w‖ (or always); returns ‖w‖ after."""
         filled = self._filled()
-        for p in range(passes or 2):
-            before = float(w.norm()) if passes is None and p == 0 else None
+        norm = float(w.norm())
+        for _ in range(2):
+            before = norm
             coefficients = [block @ w for block in filled]
             for block, c in zip(filled, coefficients):
                 w.addmv_(block.T, c, alpha=-1)
-            if before is not None and float(w.norm()) >= before / 2**0.5:
+            norm = float(w.norm())
+            if not always_twice and norm >= before / 2**0.5:
                 break
+            always_twice = False
+        return norm
 
     def combine(self, S: torch.Tensor) -> torch.Tensor:
         """V S for the (size × k) matrix ``S``: the Ritz vectors as the columns of a (dim × k) tensor."""
