@@ -298,29 +298,34 @@ def test_measurements_are_float32_under_autocast():
     assert seen == [(torch.float32, torch.float32)]
 
 
+class UpdateRecorder:
+    """A plugin that requires the update and records ``snapshot.update`` at every measurement."""
+
+    name = "needs_update"
+
+    def __init__(self):
+        self.updates = []
+
+    @sgdprobe.hookimpl
+    def sgdprobe_requirements(self):
+        return ["update"]
+
+    @sgdprobe.hookimpl
+    def sgdprobe_measure(self, snapshot):
+        self.updates.append(None if snapshot.update is None else snapshot.flatten(snapshot.update))
+
+
 def test_update_is_provided_when_a_plugin_requires_it():
     model, loss_fn, batch = mlp(), nn.MSELoss(), _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    updates = []
-
-    class NeedsUpdate:
-        name = "needs_update"
-
-        @sgdprobe.hookimpl
-        def sgdprobe_requirements(self):
-            return ["update"]
-
-        @sgdprobe.hookimpl
-        def sgdprobe_measure(self, snapshot):
-            updates.append(snapshot.flatten(snapshot.update))
-
-    with sgdprobe.attach(opt, model, loss_fn, batch, logdir=False, every=2, plugins=[NeedsUpdate()]):
+    recorder = UpdateRecorder()
+    with sgdprobe.attach(opt, model, loss_fn, batch, logdir=False, every=2, plugins=[recorder]):
         for _ in range(4):
             before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
             _step(model, opt, loss_fn, batch)
             after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    assert len(updates) == 2
-    torch.testing.assert_close(updates[-1], after - before)
+    assert len(recorder.updates) == 2
+    torch.testing.assert_close(recorder.updates[-1], after - before)
 
 
 def test_update_is_provided_at_every_auto_measurement(monkeypatch):
@@ -332,26 +337,14 @@ def test_update_is_provided_at_every_auto_measurement(monkeypatch):
     monkeypatch.setattr(probe_module.time, "perf_counter", lambda: float(next(clock)))
     model, loss_fn, batch = mlp(), nn.MSELoss(), _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    updates = []
-
-    class NeedsUpdate:
-        name = "needs_update"
-
-        @sgdprobe.hookimpl
-        def sgdprobe_requirements(self):
-            return ["update"]
-
-        @sgdprobe.hookimpl
-        def sgdprobe_measure(self, snapshot):
-            updates.append(snapshot.update)
-
+    recorder = UpdateRecorder()
     with sgdprobe.attach(
-        opt, model, loss_fn, batch, logdir=False, every="auto", overhead=0.5, plugins=[NeedsUpdate()]
+        opt, model, loss_fn, batch, logdir=False, every="auto", overhead=0.5, plugins=[recorder]
     ) as probe:
         for _ in range(60):
             _step(model, opt, loss_fn, batch)
-    assert len(updates) == probe.schedule.measurements >= 3
-    assert all(u is not None for u in updates)
+    assert len(recorder.updates) == probe.schedule.measurements >= 3
+    assert all(u is not None for u in recorder.updates)
 
 
 # --- 6. broken installed plugins are reported and skipped ---------------------------------------------------
