@@ -42,3 +42,18 @@ def test_benchmarks_quick_runs_without_peers(tmp_path):
                 r["what"] == "sgdprobe forward_over_reverse" and "disagrees" in r["skipped"]
             ), r
     assert all("params" in r for r in results["scaling"]["rows"])
+
+
+def test_diagnose_lanczos_runs(tmp_path):
+    """`python -m benchmarks.diagnose lanczos` at a tiny size (the other diagnostics are full-size only)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.diagnose", "lanczos", "--params", "1000", "--steps", "5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 Lanczos steps at P=1,000" in proc.stdout
